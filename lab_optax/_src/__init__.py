@@ -1,0 +1,1 @@
+"""Implementation of lab_optax; import the public names from ``lab_optax``."""

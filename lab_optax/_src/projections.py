@@ -1,0 +1,182 @@
+"""Closed-form projections onto the binary set: pure functions of ``(w, d)``.
+
+Each ``*_scale`` function returns the scale ``alpha`` of the binarized tensor
+``alpha * binary_sign(w)``. They differ only in how ``alpha`` is chosen:
+
+* :func:`lab_scale`: the proximal Newton step of LAB (Theorem 3.1 of Hou et al.,
+  2017), ``alpha = ||d * w||_1 / ||d||_1``;
+* :func:`bwn_scale`: Binary Weight Networks, ``alpha = mean(|w|)``;
+* :func:`binary_connect_scale`: BinaryConnect, ``alpha = 1``.
+
+``alpha`` is reduced over ``axis`` with ``keepdims=True``, so
+``alpha * binary_sign(w)`` broadcasts. ``axis=None`` gives one alpha per tensor
+(the paper's choice); :func:`reduction_axes` gives one per output channel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+Axis = int | Sequence[int] | None
+ScaleFn = Callable[[jax.Array, jax.Array | None, Axis], jax.Array]
+
+
+def binary_sign(x: jax.typing.ArrayLike) -> jax.Array:
+  """Sign with ``binary_sign(0) = +1``, so the result is always in {-1, +1}.
+
+  Args:
+    x: an array.
+
+  Returns:
+    ``+1`` where ``x >= 0`` and ``-1`` elsewhere (NaN maps to ``-1``), with the
+    dtype of ``x``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from lab_optax import binary_sign
+    >>> binary_sign(jnp.array([-2.0, 0.0, 3.0]))
+    Array([-1.,  1.,  1.], dtype=float32)
+  """
+  x = jnp.asarray(x)
+  one = jnp.ones((), x.dtype)
+  return jnp.where(x >= 0, one, -one)
+
+
+def reduction_axes(ndim: int, per_channel: bool) -> tuple[int, ...] | None:
+  """Axes over which one alpha is computed.
+
+  Args:
+    ndim: rank of the weight tensor.
+    per_channel: if ``True``, one alpha per slice along the last axis (the
+      output channels of a Flax ``Dense`` or ``Conv`` kernel); otherwise one
+      alpha for the whole tensor.
+
+  Returns:
+    ``None`` (reduce everything) or the tuple of all axes but the last.
+  """
+  if not per_channel or ndim == 0:
+    return None
+  return tuple(range(ndim - 1))
+
+
+def _as_f32(x: jax.typing.ArrayLike) -> jax.Array:
+  x = jnp.asarray(x)
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def _keepdims_zeros(w: jax.Array, axis: Axis) -> jax.Array:
+  return jnp.zeros_like(jnp.sum(w, axis=axis, keepdims=True))
+
+
+def bwn_scale(w: jax.Array, d: jax.Array | None = None, axis: Axis = None) -> jax.Array:
+  """BWN scale ``alpha = mean(|w|)`` (``d`` is ignored).
+
+  Args:
+    w: full-precision weights.
+    d: unused; present so that every scale function has the same signature.
+    axis: axes to reduce over (``None``: the whole tensor).
+
+  Returns:
+    ``alpha`` in at least float32, reduced with ``keepdims=True``. An empty
+    tensor gives ``alpha = 0``.
+  """
+  del d
+  w = _as_f32(w)
+  if w.size == 0:
+    return _keepdims_zeros(w, axis)
+  return jnp.mean(jnp.abs(w), axis=axis, keepdims=True)
+
+
+def binary_connect_scale(w: jax.Array, d: jax.Array | None = None, axis: Axis = None) -> jax.Array:
+  """BinaryConnect scale ``alpha = 1`` (``d`` is ignored).
+
+  Args:
+    w: full-precision weights.
+    d: unused.
+    axis: axes to reduce over (``None``: the whole tensor).
+
+  Returns:
+    Ones in at least float32, shaped as ``alpha`` of the other scale functions.
+  """
+  del d
+  return _keepdims_zeros(_as_f32(w), axis) + 1
+
+
+def lab_scale(w: jax.Array, d: jax.Array | None, axis: Axis = None) -> jax.Array:
+  r"""LAB scale: the minimizer over ``alpha`` of Theorem 3.1.
+
+  .. math::
+
+    \alpha = \frac{\|d \odot w\|_1}{\|d\|_1}
+
+  where ``d > 0`` is the diagonal of the Hessian approximation (in LAB,
+  ``sqrt(v_hat) + eps`` from Adam). Where ``sum(d) == 0`` (``eps = 0`` and no
+  gradient yet) this falls back to ``mean(|w|)``, the limit of a constant ``d``.
+
+  Args:
+    w: full-precision weights, ``w = w_hat_prev - g / d``.
+    d: positive weights of the same shape as ``w``. ``None`` means a constant
+      ``d``, which gives BWN's ``mean(|w|)``.
+    axis: axes to reduce over (``None``: the whole tensor).
+
+  Returns:
+    ``alpha`` in at least float32, reduced with ``keepdims=True``.
+  """
+  if d is None:
+    return bwn_scale(w, axis=axis)
+  w, d = _as_f32(w), _as_f32(d)
+  if w.size == 0:
+    return _keepdims_zeros(w, axis)
+  sum_d = jnp.sum(d, axis=axis, keepdims=True)
+  weighted = jnp.sum(d * jnp.abs(w), axis=axis, keepdims=True)
+  positive = sum_d > 0
+  alpha = weighted / jnp.where(positive, sum_d, 1)
+  return jnp.where(positive, alpha, jnp.mean(jnp.abs(w), axis=axis, keepdims=True))
+
+
+def proximal_binarize(w: Any, d: Any, *, per_channel: bool = False) -> Any:
+  r"""Closed-form proximal Newton step onto the binary set (Theorem 3.1).
+
+  For each weight tensor, solves
+
+  .. math::
+
+    \min_{\alpha > 0,\ b \in \{\pm 1\}^n}
+      \sum_i d_i (\alpha b_i - w_i)^2
+
+  whose solution is ``b = binary_sign(w)`` and
+  ``alpha = ||d * w||_1 / ||d||_1``. Works on one array or on matching pytrees
+  of arrays, and under :func:`jax.jit`.
+
+  Args:
+    w: an array or a pytree of arrays: the point ``w_hat_prev - g / d``.
+    d: positive curvature, an array or pytree with the structure of ``w``.
+    per_channel: one alpha per slice along the last axis instead of one per
+      tensor.
+
+  Returns:
+    ``alpha * binary_sign(w)`` with the structure and dtypes of ``w``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from lab_optax import proximal_binarize
+    >>> w = jnp.array([[0.5, -1.0], [0.0, 2.0]])
+    >>> proximal_binarize(w, jnp.ones_like(w))  # constant d: alpha = mean|w|
+    Array([[ 0.875, -0.875],
+           [ 0.875,  0.875]], dtype=float32)
+
+  References:
+    Hou, Yao and Kwok, `Loss-aware Binarization of Deep Networks
+    <https://arxiv.org/abs/1611.01600>`_, ICLR 2017.
+  """
+
+  def one(w, d):
+    w = jnp.asarray(w)
+    alpha = lab_scale(w, d, reduction_axes(w.ndim, per_channel))
+    return (alpha * binary_sign(w)).astype(w.dtype)
+
+  return jax.tree.map(one, w, d)

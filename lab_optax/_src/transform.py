@@ -1,0 +1,391 @@
+"""Adam on latent weights followed by a closed-form projection onto the binary set.
+
+One transformation, :func:`projected_adam`, serves LAB, BWN and BinaryConnect:
+the methods differ only in the scale function that picks ``alpha`` (see
+``projections.py``). Params always hold the binarized weights
+``alpha * sign(latent)``; the full-precision latent weights live in the state.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from lab_optax._src import masks as masks_lib
+from lab_optax._src import projections
+
+NO_PARAMS_MSG = (
+  "lab_optax transformations need the current params: call "
+  "`tx.update(grads, opt_state, params)`. They must be the last "
+  "transformation of a chain, since they return `new_params - params`."
+)
+
+_MASKED = optax.MaskedNode()
+
+
+def _is_masked(x: Any) -> bool:
+  return isinstance(x, optax.MaskedNode)
+
+
+class ProjectedAdamState(NamedTuple):
+  """State of :func:`projected_adam` (and so of :func:`lab`, :func:`bwn`, :func:`binary_connect`).
+
+  Leaves that a field does not apply to hold ``optax.MaskedNode()``.
+  """
+
+  count: jax.Array  # shape=(), dtype=jnp.int32: number of updates so far.
+  mu: optax.Updates  # First moment, like params (mu_dtype); masked for non-float leaves.
+  nu: optax.Updates  # Second moment, like params; masked for non-float leaves.
+  latent: optax.Params  # Full-precision latent weights of binarized leaves (latent_dtype).
+  alpha: optax.Params  # float32 scale of binarized leaves: shape (), or (out,) per channel.
+
+
+def _check_hyperparams(b1: Any, b2: Any, eps: Any, clip: Any) -> None:
+  def number(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+  for name, value in (("b1", b1), ("b2", b2)):
+    if number(value) and not 0.0 <= value < 1.0:
+      raise ValueError(f"{name} must be in [0, 1), got {value}")
+  if number(eps) and eps < 0:
+    raise ValueError(f"eps must be >= 0, got {eps}")
+  if number(clip) and clip <= 0:
+    raise ValueError(f"clip must be > 0 or None, got {clip}")
+
+
+def _f32(x: jax.Array) -> jax.Array:
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def _representable_alpha(alpha: jax.Array, alpha_old: jax.Array, dtype: Any) -> jax.Array:
+  """Rounds ``alpha`` so that ``optax.apply_updates`` lands exactly on it.
+
+  ``apply_updates`` computes ``p + (n - p)`` with ``p = +-alpha_old`` and
+  ``n = +-alpha``; in floating point that is only exact when ``alpha +- alpha_old``
+  is representable. Keeping every alpha on ``P - 2`` significant bits (``P`` is
+  the precision of the params' dtype: 24 for float32, 8 for bfloat16) and within
+  a factor of two of the previous alpha guarantees it, so every binarized leaf
+  holds exactly the two values ``+-alpha``. The ratio bound is a no-op in
+  practice: alpha moves by far less than 2x per step.
+  """
+  alpha = jnp.where(alpha_old > 0, jnp.clip(alpha, alpha_old * 0.5, alpha_old * 2.0), alpha)
+  return _round_significand(alpha, dtype)
+
+
+def _flat_alpha(alpha: jax.Array, per_channel: bool) -> jax.Array:
+  # keepdims alpha -> shape () per tensor, (out,) per channel; both broadcast.
+  return alpha.reshape(alpha.shape[-1:] if per_channel and alpha.ndim else ())
+
+
+def _round_significand(alpha: jax.Array, dtype: Any) -> jax.Array:
+  bits = jnp.finfo(dtype).nmant + 1 - 2
+  mantissa, exponent = jnp.frexp(alpha)
+  mantissa = jnp.round(mantissa * 2.0**bits) * 2.0**-bits
+  return jnp.ldexp(mantissa, exponent)
+
+
+def projected_adam(
+  learning_rate: optax.ScalarOrSchedule,
+  b1: jax.typing.ArrayLike = 0.9,
+  b2: jax.typing.ArrayLike = 0.999,
+  eps: jax.typing.ArrayLike = 1e-8,
+  *,
+  scale_fn: projections.ScaleFn,
+  clip: jax.typing.ArrayLike | None = 1.0,
+  mask: masks_lib.MaskOrFn = None,
+  per_channel: bool = False,
+  mu_dtype: Any | None = None,
+  latent_dtype: Any | None = None,
+  initial_scale_fn: projections.ScaleFn | None = None,
+) -> optax.GradientTransformation:
+  r"""Adam on full-precision latent weights, projected onto the binary set.
+
+  For each binarized leaf with gradient :math:`g_t` (taken at the binarized
+  weights that the params hold):
+
+  .. math::
+
+    \begin{align*}
+      m_t &\leftarrow \beta_1 m_{t-1} + (1-\beta_1) g_t, \quad
+      v_t \leftarrow \beta_2 v_{t-1} + (1-\beta_2) g_t^2 \\
+      d_t &\leftarrow \sqrt{v_t / (1-\beta_2^t)} + \varepsilon \\
+      w_t &\leftarrow \mathrm{clip}\big(w_{t-1} - \eta_t \, \tfrac{m_t / (1-\beta_1^t)}{d_t},
+        -c, c\big) \\
+      \hat w_t &\leftarrow \alpha(w_t, d_t) \cdot \mathrm{sign}(w_t),
+    \end{align*}
+
+  where ``scale_fn`` gives :math:`\alpha` and ``sign(0) = +1``. The update is
+  :math:`\hat w_t - \hat w_{t-1}`, so ``optax.apply_updates`` writes the new
+  binarized weights into params. Other floating leaves get plain Adam with the
+  same hyperparameters and no clipping; integer leaves are left untouched.
+
+  This transformation needs ``params`` in ``update`` and must be the last one
+  of an :func:`optax.chain` (gradient clipping before it is fine). Call
+  :func:`binarize_params` after ``init`` so that the first forward pass already
+  uses binarized weights.
+
+  Args:
+    learning_rate: a float or an optax schedule of the step count.
+    b1: decay rate of the first moment.
+    b2: decay rate of the second moment.
+    eps: added to ``sqrt(v_hat)``, both in Adam's denominator and in ``d``.
+    scale_fn: ``(w, d, axis) -> alpha``, e.g. :func:`lab_optax.projections.lab_scale`.
+    clip: latent weights of binarized leaves are clipped to ``[-clip, clip]``
+      after each step; ``None`` disables clipping.
+    mask: ``None`` binarizes every floating leaf with ``ndim >= 2``; otherwise
+      a pytree of bools with the params' structure, or a callable
+      ``params -> such a pytree``. With :func:`optax.inject_hyperparams`, pass
+      ``static_args='mask'`` for a callable mask, as for ``optax.adamw``.
+    per_channel: one alpha per slice along the last axis (output channel)
+      instead of one per tensor.
+    mu_dtype: dtype of the first moment; ``None`` uses the params' dtype.
+    latent_dtype: dtype of the latent weights; ``None`` uses the params' dtype
+      promoted to at least float32.
+    initial_scale_fn: scale of the first projection (``t = 1``, before any
+      gradient, see :func:`binarize_params`); ``None`` uses ``scale_fn`` with
+      constant ``d``.
+
+  Returns:
+    An :class:`optax.GradientTransformation` with state :class:`ProjectedAdamState`.
+  """
+  _check_hyperparams(b1, b2, eps, clip)
+  if initial_scale_fn is None:
+    initial_scale_fn = scale_fn
+  # With eps = 0 and no gradient yet, d = 0: guard the division (a traced or
+  # zero eps needs it, a positive Python eps does not).
+  guard_zero_d = not (isinstance(eps, (int, float)) and eps > 0)
+
+  def init_fn(params):
+    flags = masks_lib.resolve_mask(mask, params)
+
+    def moment(p, dtype=None):
+      return jnp.zeros_like(p, dtype=dtype) if masks_lib.is_floating(p) else _MASKED
+
+    def latent(p, binarized):
+      if not binarized:
+        return _MASKED
+      dtype = latent_dtype or jnp.promote_types(p.dtype, jnp.float32)
+      return jnp.array(p, dtype=dtype, copy=True)
+
+    def alpha(p, binarized):
+      if not binarized:
+        return _MASKED
+      p = jnp.asarray(p)
+      a = initial_scale_fn(p, None, projections.reduction_axes(p.ndim, per_channel))
+      return _round_significand(_flat_alpha(a, per_channel).astype(jnp.float32), p.dtype)
+
+    return ProjectedAdamState(
+      count=jnp.zeros([], jnp.int32),
+      mu=jax.tree.map(lambda p: moment(p, mu_dtype), params),
+      nu=jax.tree.map(moment, params),
+      latent=jax.tree.map(latent, params, flags),
+      alpha=jax.tree.map(alpha, params, flags),
+    )
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError(NO_PARAMS_MSG)
+    count = optax.safe_increment(state.count)
+    lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
+    bc1 = 1 - jnp.asarray(b1, jnp.float32) ** count
+    bc2 = 1 - jnp.asarray(b2, jnp.float32) ** count
+
+    def leaf(g, p, m, v, w, a_old):
+      if _is_masked(m):  # integer leaf: never touched
+        return jnp.zeros_like(p), m, v, w, a_old
+      g32 = _f32(jnp.asarray(g))
+      m32 = b1 * _f32(m) + (1 - b1) * g32
+      v32 = b2 * _f32(v) + (1 - b2) * g32 * g32
+      d = jnp.sqrt(v32 / bc2) + eps
+      step = (m32 / bc1) / (jnp.where(d > 0, d, 1) if guard_zero_d else d)
+      new_m, new_v = m32.astype(m.dtype), v32.astype(v.dtype)
+      if _is_masked(w):  # full-precision leaf: plain Adam
+        return (-lr * step).astype(jnp.result_type(g)), new_m, new_v, w, a_old
+      w32 = _f32(w) - lr * step
+      if clip is not None:
+        w32 = jnp.clip(w32, -clip, clip)
+      axis = projections.reduction_axes(w32.ndim, per_channel)
+      a = _flat_alpha(scale_fn(w32, d, axis), per_channel)
+      a = _representable_alpha(a, a_old, p.dtype)
+      new_p = a * projections.binary_sign(w32)
+      u = (new_p - _f32(jnp.asarray(p))).astype(p.dtype)
+      return u, new_m, new_v, w32.astype(w.dtype), a
+
+    treedef = jax.tree.structure(updates)
+    flat = [
+      treedef.flatten_up_to(tree)
+      for tree in (updates, params, state.mu, state.nu, state.latent, state.alpha)
+    ]
+    out = [leaf(*args) for args in zip(*flat)]
+    u, mu, nu, latent, alpha = (treedef.unflatten(column) for column in zip(*out))
+    return u, ProjectedAdamState(count=count, mu=mu, nu=nu, latent=latent, alpha=alpha)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _make_alias(scale_fn, initial_scale_fn, name, formula):
+  def alias(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: jax.typing.ArrayLike = 0.9,
+    b2: jax.typing.ArrayLike = 0.999,
+    eps: jax.typing.ArrayLike = 1e-8,
+    *,
+    clip: jax.typing.ArrayLike | None = 1.0,
+    mask: masks_lib.MaskOrFn = None,
+    per_channel: bool = False,
+    mu_dtype: Any | None = None,
+    latent_dtype: Any | None = None,
+  ) -> optax.GradientTransformation:
+    return projected_adam(
+      learning_rate,
+      b1,
+      b2,
+      eps,
+      scale_fn=scale_fn,
+      initial_scale_fn=initial_scale_fn,
+      clip=clip,
+      mask=mask,
+      per_channel=per_channel,
+      mu_dtype=mu_dtype,
+      latent_dtype=latent_dtype,
+    )
+
+  alias.__name__ = alias.__qualname__ = name
+  alias.__doc__ = _ALIAS_DOC.format(name=name, formula=formula)
+  return alias
+
+
+_ALIAS_DOC = r"""{formula}
+
+  Adam runs on full-precision latent weights kept in the optimizer state; after
+  each step they are clipped to ``[-clip, clip]`` and projected onto the binary
+  set. Params always hold the binarized weights ``alpha * sign(latent)``
+  (``sign(0) = +1``), which is what the forward pass uses and what the gradient
+  is taken at. See :func:`lab_optax.projected_adam` for the update equations.
+
+  The transformation needs ``params`` in ``update`` (``ValueError`` otherwise)
+  and must be the last transformation of a chain: it returns
+  ``new_params - params``. Gradient clipping before it is fine.
+
+  Args:
+    learning_rate: a float or an optax schedule of the step count.
+    b1: decay rate of Adam's first moment.
+    b2: decay rate of Adam's second moment.
+    eps: added to ``sqrt(v_hat)`` in Adam's denominator and in ``d``.
+    clip: bound of the latent weights of binarized leaves (``None``: no clip).
+    mask: ``None`` binarizes every floating leaf with ``ndim >= 2``; otherwise
+      a pytree of bools with the params' structure, or a callable
+      ``params -> such a pytree``. Unmasked floating leaves get plain Adam with
+      the same hyperparameters and no clipping; integer leaves are untouched.
+    per_channel: one alpha per slice along the last axis instead of one per
+      tensor (beyond the paper).
+    mu_dtype: dtype of the first moment (``None``: the params' dtype).
+    latent_dtype: dtype of the latent weights (``None``: the params' dtype,
+      promoted to at least float32).
+
+  Returns:
+    An :class:`optax.GradientTransformation` whose state is a
+    :class:`lab_optax.ProjectedAdamState`.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax, lab_optax
+    >>> params = {{"kernel": jnp.array([[0.3, -0.2], [0.1, 0.4]]), "bias": jnp.zeros(2)}}
+    >>> tx = lab_optax.{name}(learning_rate=1e-2)
+    >>> opt_state = tx.init(params)
+    >>> params = lab_optax.binarize_params(params, opt_state)  # t = 1 projection
+    >>> grads = jax.grad(lambda p: jnp.sum((p["kernel"] + p["bias"]) ** 2))(params)
+    >>> updates, opt_state = tx.update(grads, opt_state, params)
+    >>> params = optax.apply_updates(params, updates)
+    >>> len(set(jnp.abs(params["kernel"]).ravel().tolist()))  # +-alpha only
+    1
+
+  References:
+    Hou, Yao and Kwok, `Loss-aware Binarization of Deep Networks
+    <https://arxiv.org/abs/1611.01600>`_, ICLR 2017.
+  """
+
+lab = _make_alias(
+  projections.lab_scale,
+  projections.bwn_scale,
+  "lab",
+  "Loss-aware Binarization (LAB): proximal Newton steps with Adam's curvature.\n\n"
+  "  alpha = ||d * w||_1 / ||d||_1 with d = sqrt(v_hat) + eps (Theorem 3.1). The\n"
+  "  first projection, before any gradient, uses alpha = mean(|w|).",
+)
+bwn = _make_alias(
+  projections.bwn_scale,
+  projections.bwn_scale,
+  "bwn",
+  "Binary Weight Networks (BWN) baseline: alpha = mean(|w|).",
+)
+binary_connect = _make_alias(
+  projections.binary_connect_scale,
+  projections.binary_connect_scale,
+  "binary_connect",
+  "BinaryConnect baseline: alpha = 1, so binarized weights are sign(w).",
+)
+
+
+def _find_state(opt_state: Any) -> ProjectedAdamState:
+  found = [
+    s
+    for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, ProjectedAdamState))
+    if isinstance(s, ProjectedAdamState)
+  ]
+  if len(found) != 1:
+    raise ValueError(
+      f"expected exactly one lab_optax state in opt_state, found {len(found)}; "
+      "pass the state returned by tx.init of lab, bwn, binary_connect or projected_adam"
+    )
+  return found[0]
+
+
+def binarize_params(params: optax.Params, opt_state: optax.OptState) -> optax.Params:
+  """Puts params on the binary set held by ``opt_state``: ``alpha * sign(latent)``.
+
+  Call it once after ``tx.init(params)``: the latent weights start from the
+  full-precision initialization and the params become their first projection
+  (``t = 1``: ``alpha = mean(|w|)`` for LAB and BWN, ``1`` for BinaryConnect),
+  so the first forward pass already uses binarized weights. It also rebuilds
+  binarized params from a restored optimizer state. The state may be nested in
+  any optax wrapper (``chain``, ``inject_hyperparams``, ``MultiSteps``, ...).
+
+  Args:
+    params: the params given to ``tx.init``.
+    opt_state: the state returned by ``tx.init`` (or a later one).
+
+  Returns:
+    params with every binarized leaf replaced by ``alpha * sign(latent)`` in the
+    leaf's dtype; other leaves are returned as they are.
+  """
+  state = _find_state(opt_state)
+
+  def one(p, w, a):
+    if _is_masked(w):
+      return p
+    p = jnp.asarray(p)
+    if w.shape != p.shape:
+      raise ValueError(f"latent weights of shape {w.shape} do not match params of shape {p.shape}")
+    return (a * projections.binary_sign(w)).astype(p.dtype)
+
+  treedef = jax.tree.structure(params)
+  latent = treedef.flatten_up_to(state.latent)
+  alpha = treedef.flatten_up_to(state.alpha)
+  return treedef.unflatten(map(one, treedef.flatten_up_to(params), latent, alpha))
+
+
+def latent_weights(opt_state: optax.OptState) -> optax.Params:
+  """The full-precision latent weights held in ``opt_state``.
+
+  Args:
+    opt_state: a state of :func:`lab`, :func:`bwn`, :func:`binary_connect` or
+      :func:`projected_adam`, possibly nested in optax wrappers.
+
+  Returns:
+    A pytree with the params' structure: the latent weights at binarized
+    leaves and ``optax.MaskedNode()`` elsewhere.
+  """
+  return _find_state(opt_state).latent

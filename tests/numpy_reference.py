@@ -1,0 +1,64 @@
+"""An independent NumPy (float64) implementation of Algorithm 1 of Hou et al. (2017).
+
+Written from ../shared/PAPER.md section 2, without looking at lab_optax's code,
+so that the transformation can be held against it step by step.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def sign0(x):
+  return np.where(x >= 0, 1.0, -1.0)
+
+
+def scale(method, w, d, per_channel=False):
+  axis = tuple(range(w.ndim - 1)) if per_channel else None
+  if method == "binary_connect":
+    return np.ones_like(np.sum(w, axis=axis, keepdims=True))
+  if method == "bwn" or d is None:
+    return np.mean(np.abs(w), axis=axis, keepdims=True)
+  if method == "lab":
+    return np.sum(d * np.abs(w), axis=axis, keepdims=True) / np.sum(d, axis=axis, keepdims=True)
+  raise ValueError(method)
+
+
+class Reference:
+  """Algorithm 1 on a dict of named float arrays."""
+
+  def __init__(
+    self, method, params, binarized, *, lr, b1=0.9, b2=0.999, eps=1e-8, clip=1.0, per_channel=False
+  ):
+    self.method, self.lr, self.b1, self.b2, self.eps, self.clip = method, lr, b1, b2, eps, clip
+    self.per_channel = per_channel
+    self.binarized = set(binarized)
+    self.t = 0
+    self.latent = {k: np.array(v, np.float64) for k, v in params.items() if k in self.binarized}
+    self.m = {k: np.zeros(np.shape(v)) for k, v in params.items()}
+    self.v = {k: np.zeros(np.shape(v)) for k, v in params.items()}
+    self.params = {k: np.array(v, np.float64) for k, v in params.items()}
+    self.alpha = {}
+    for k, w in self.latent.items():  # t = 1 projection: constant d
+      self.alpha[k] = scale(method, w, None, per_channel)
+      self.params[k] = self.alpha[k] * sign0(w)
+
+  def step(self, grads):
+    self.t += 1
+    t = self.t
+    for k, g in grads.items():
+      g = np.asarray(g, np.float64)
+      self.m[k] = self.b1 * self.m[k] + (1 - self.b1) * g
+      self.v[k] = self.b2 * self.v[k] + (1 - self.b2) * g * g
+      m_hat = self.m[k] / (1 - self.b1**t)
+      v_hat = self.v[k] / (1 - self.b2**t)
+      d = np.sqrt(v_hat) + self.eps
+      if k in self.binarized:
+        w = self.latent[k] - self.lr * m_hat / d
+        if self.clip is not None:
+          w = np.clip(w, -self.clip, self.clip)
+        self.latent[k] = w
+        self.alpha[k] = scale(self.method, w, d, self.per_channel)
+        self.params[k] = self.alpha[k] * sign0(w)
+      else:
+        self.params[k] = self.params[k] - self.lr * m_hat / d
