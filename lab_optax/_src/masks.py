@@ -33,17 +33,33 @@ def default_mask(params: Any) -> Any:
   return jax.tree.map(lambda p: bool(is_floating(p) and jnp.ndim(p) >= 2), params)
 
 
-def _first_structure_mismatch(params: Any, mask: Any) -> str:
-  p_paths = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_leaves_with_path(params)]
-  m_paths = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_leaves_with_path(mask)]
-  for p, m in zip(p_paths, m_paths):
-    if p != m:
-      return f"params have a leaf at {p or '<root>'} where the mask has {m or '<root>'}"
-  if len(p_paths) > len(m_paths):
-    return f"the mask has no entry for the params leaf at {p_paths[len(m_paths)] or '<root>'}"
-  if len(m_paths) > len(p_paths):
-    return f"the mask has an extra entry at {m_paths[len(p_paths)] or '<root>'}"
-  return "the containers differ although the leaf paths agree"
+def _match_by_path(params: Any, mask: Any) -> list[tuple[str, Any]]:
+  """Pairs each params leaf with the mask entry whose key path is a prefix of its path.
+
+  Matching by key path lets one mask serve the trees an optimizer sees: an
+  ``nnx.State`` of ``nnx.Variable`` at ``init`` and of plain arrays at
+  ``update``, or a plain dict with the same keys.
+  """
+  p_leaves = jax.tree_util.tree_leaves_with_path(params)
+  m_leaves = jax.tree_util.tree_leaves_with_path(mask)
+  out, j = [], 0
+  for m_path, m_value in m_leaves:
+    start = j
+    while j < len(p_leaves) and p_leaves[j][0][: len(m_path)] == m_path:
+      out.append((jax.tree_util.keystr(p_leaves[j][0]) or "<root>", m_value))
+      j += 1
+    if j == start:
+      here = jax.tree_util.keystr(p_leaves[j][0]) if j < len(p_leaves) else "the end of params"
+      raise ValueError(
+        "mask must have the structure of params: the mask has an entry at "
+        f"{jax.tree_util.keystr(m_path) or '<root>'} where params have {here or '<root>'}"
+      )
+  if j < len(p_leaves):
+    raise ValueError(
+      "mask must have the structure of params: the mask has no entry for the params "
+      f"leaf at {jax.tree_util.keystr(p_leaves[j][0]) or '<root>'}"
+    )
+  return out
 
 
 def _to_bool(value: Any, path: str) -> bool:
@@ -65,7 +81,10 @@ def resolve_mask(mask: MaskOrFn, params: Any) -> Any:
 
   Args:
     mask: ``None`` (use :func:`default_mask`), a pytree of bools with the
-      structure of ``params``, or a callable ``params -> such a pytree``.
+      structure of ``params``, or a callable ``params -> such a pytree``. A
+      mask entry may also stand for a whole subtree of params (a prefix, as in
+      :func:`optax.masked`), and containers are matched by key path, so a dict
+      mask fits an ``nnx.State`` of params with the same keys.
     params: the parameters the mask applies to.
 
   Returns:
@@ -79,14 +98,8 @@ def resolve_mask(mask: MaskOrFn, params: Any) -> Any:
   if mask is None:
     return default_mask(params)
   tree = mask(params) if callable(mask) else mask
-  if jax.tree.structure(tree) != jax.tree.structure(params):
-    raise ValueError(
-      "mask must have the structure of params: " + _first_structure_mismatch(params, tree)
-    )
-  leaves_with_path = jax.tree_util.tree_leaves_with_path(params)
   flat = []
-  for (path, p), m in zip(leaves_with_path, jax.tree.leaves(tree)):
-    name = jax.tree_util.keystr(path) or "<root>"
+  for (name, m), p in zip(_match_by_path(params, tree), jax.tree.leaves(params)):
     selected = _to_bool(m, name)
     if selected and not is_floating(p):
       raise ValueError(

@@ -1,0 +1,26 @@
+"""Flax NNX binary layers and the helpers that tie a model to lab_optax's optimizers."""
+
+from lab_optax.nnx.layers import (
+  BinaryConv,
+  BinaryLinear,
+  BinaryLSTMCell,
+  BinaryParam,
+  lstm_kernel_init,
+  paper_kernel_init,
+)
+from lab_optax.nnx.model import binarize_model, binary_mask
+from lab_optax.nnx.summary import LayerSummary, ModelSummary, summary
+
+__all__ = (
+  "BinaryConv",
+  "BinaryLSTMCell",
+  "BinaryLinear",
+  "BinaryParam",
+  "LayerSummary",
+  "ModelSummary",
+  "binarize_model",
+  "binary_mask",
+  "lstm_kernel_init",
+  "paper_kernel_init",
+  "summary",
+)
