@@ -1,0 +1,417 @@
+"""The ``lab-optax`` command line: the paper's experiments, ``lab-optax mlp | cnn | lstm``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lab_optax.experiments import data as data_lib
+
+METHOD_NAMES = ("fp", "bc", "bwn", "lab", "bnn", "xnor", "lab2")
+
+# The paper's figures, for the table printed at the end (PAPER.md, Tables 1 and 3).
+PAPER = {
+    ("mlp", "mnist"): {
+        "fp": 1.190, "bc": 1.280, "bwn": 1.200, "lab": 1.170, "bnn": 1.470, "xnor": 1.450, "lab2": 1.380,
+    },
+    ("cnn", "cifar10"): {
+        "fp": 11.900, "bc": 9.860, "bwn": 11.030, "lab": 10.500, "bnn": 12.870, "xnor": 12.370,
+        "lab2": 12.280,
+    },
+    ("cnn", "svhn"): {
+        "fp": 2.277, "bc": 2.450, "bwn": 2.531, "lab": 2.354, "bnn": 3.500, "xnor": 3.580, "lab2": 3.362,
+    },
+    ("lstm", "linux"): {
+        "fp": 1.329, "bc": 3.532, "bwn": 1.327, "lab": 1.314, "bnn": 3.624, "xnor": 1.426, "lab2": 1.412,
+    },
+}  # fmt: skip
+
+
+class UsageError(Exception):
+  """A bad flag or flag combination; reported in one line with exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+  def error(self, message: str) -> None:  # one line, no usage dump
+    raise UsageError(message)
+
+
+def _positive(text: str) -> int:
+  value = int(text)
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+  return value
+
+
+def _methods(text: str) -> list[str]:
+  names = [m.strip() for m in text.split(",") if m.strip()]
+  unknown = [m for m in names if m not in METHOD_NAMES]
+  if unknown or not names:
+    raise argparse.ArgumentTypeError(
+      f"unknown method {unknown[0] if unknown else text!r}: choose from {', '.join(METHOD_NAMES)}"
+    )
+  return list(dict.fromkeys(names))
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = _Parser(
+    prog="lab-optax",
+    description="Reproduce the experiments of Loss-aware Binarization (Hou, Yao and Kwok, "
+    "ICLR 2017) with lab_optax: FP, BinaryConnect (bc), BWN, LAB, BNN, XNOR and LAB2.",
+  )
+  sub = parser.add_subparsers(dest="experiment", required=True, parser_class=_Parser)
+
+  def common(p: argparse.ArgumentParser, epochs_help: str) -> None:
+    p.add_argument(
+      "--methods",
+      type=_methods,
+      default=list(METHOD_NAMES),
+      help="comma list of fp, bc, bwn, lab, bnn, xnor, lab2 (default: all seven)",
+    )
+    p.add_argument("--epochs", type=_positive, help=epochs_help)
+    p.add_argument("--seeds", type=_positive, default=1, help="run seeds 0 to N-1 (default: 1)")
+    p.add_argument("--batch-size", type=_positive, help="minibatch size (default: the paper's)")
+    p.add_argument("--lr", type=float, help="initial learning rate (default: the paper's)")
+    p.add_argument("--out", type=Path, help="directory for results.json and the plot")
+    p.add_argument(
+      "--devices",
+      type=_positive,
+      help="train data-parallel over the first N devices (default: all visible devices)",
+    )
+    p.add_argument(
+      "--checkpoint-dir", type=Path, help="save every run after every epoch (orbax, atomic)"
+    )
+    p.add_argument(
+      "--resume", action="store_true", help="continue the runs saved in --checkpoint-dir"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+  mlp = sub.add_parser(
+    "mlp",
+    help="Table 1's feedforward network (MNIST, or the embedded digits)",
+    description="784FC-2048FC-2048FC-2048FC-10 with batch norm after every layer and the "
+    "squared hinge loss; batch 100; lr 0.01 (LAB2 0.005), x0.1 after 30%% and 50%% of "
+    "the epochs (the paper: epochs 15 and 25 of 50). On the embedded digits (default) the "
+    "hidden layers have 256 units and the run lasts 30 epochs: about 10 seconds per method "
+    "and seed, about a minute for all seven methods, on 2 CPU cores.",
+  )
+  mlp.add_argument("--dataset", choices=("digits", "mnist"), default="digits")
+  mlp.add_argument("--data-dir", type=Path, help="directory of the four MNIST IDX files")
+  mlp.add_argument(
+    "--hidden", type=_positive, help="units per hidden layer (default: 2048; digits 256)"
+  )
+  common(mlp, "epochs (default: 50; digits 30)")
+
+  cnn = sub.add_parser(
+    "cnn",
+    help="the VGG-like net of Tables 1 and 2 (CIFAR-10, SVHN, or the embedded digits)",
+    description="(2xK C3)-MP2-(2x2K C3)-MP2-(2x4K C3)-MP2-(2x1024FC)-10 with batch norm and "
+    "the squared hinge loss, batch 50. CIFAR-10: K=128, lr 0.03 x0.5 every 15 of 200 epochs. "
+    "SVHN: K=64, lr 0.001 x0.1 after epochs 15 and 25 of 50. Digits (default, 8x8 images): "
+    "K=16, FC 128, lr 0.01, 20 epochs. --width K gives Table 2's sweep.",
+  )
+  cnn.add_argument("--dataset", choices=("digits", "cifar10", "svhn"), default="digits")
+  cnn.add_argument(
+    "--data-dir", type=Path, help="CIFAR-10 python batches or SVHN train/test .mat files"
+  )
+  cnn.add_argument(
+    "--width", type=_positive, help="K, the first block's filters (cifar10 128, svhn 64, digits 16)"
+  )
+  cnn.add_argument("--fc", type=_positive, help="units of the two dense layers (1024; digits 128)")
+  common(cnn, "epochs (default: cifar10 200, svhn 50, digits 20)")
+
+  lstm = sub.add_parser(
+    "lstm",
+    help="the character LSTM of Tables 3 and 4 (default text: the Linux kernel headers)",
+    description="One LSTM layer with binarized weights and a full-precision softmax; Adam lr "
+    "2e-3, x0.98 per epoch after 5%% of the epochs (the paper: epoch 10 of 200), gradient "
+    "clipping at 5; the text is split 90/5/5; test cross-entropy per character, in nats. "
+    "The defaults (hidden 128, batch 50, 2 epochs) run in minutes on a CPU; the paper used "
+    "hidden 512, batch 100, timesteps 100 and 200 epochs.",
+  )
+  lstm.add_argument(
+    "--text",
+    type=Path,
+    help=f"a text file or a directory read recursively (default: {data_lib.DEFAULT_TEXT_PATH})",
+  )
+  lstm.add_argument("--hidden", type=_positive, default=128, help="LSTM units (paper: 512)")
+  lstm.add_argument("--timesteps", type=_positive, default=100, help="unrolled steps (paper: 100)")
+  common(lstm, "epochs (default: 2; paper: 200)")
+  return parser
+
+
+def _image_experiment(args: argparse.Namespace):
+  from lab_optax.experiments import models, train
+
+  if args.dataset != "digits" and args.data_dir is None:
+    raise UsageError(f"--dataset {args.dataset} needs --data-dir DIR (nothing is downloaded)")
+  dataset = data_lib.load_image_dataset(args.dataset, args.data_dir)
+  digits = args.dataset == "digits"
+  if args.experiment == "mlp":
+    epochs = args.epochs or (30 if digits else 50)
+    batch_size = args.batch_size or 100
+    hidden = args.hidden or (256 if digits else 2048)
+    in_features = int(np.prod(dataset.input_shape))
+    config = {"hidden": hidden}
+
+    def make_model(method, rngs):
+      return models.MLP(in_features, dataset.num_classes, hidden=hidden, method=method, rngs=rngs)
+
+    def schedule(method):
+      base = args.lr or (0.005 if method.name == "lab2" else 0.01)
+      return train.step_schedule(base, (0.3, 0.5), 0.1, epochs)
+
+  else:
+    defaults = {"digits": (16, 128, 20), "cifar10": (128, 1024, 200), "svhn": (64, 1024, 50)}
+    width, fc, default_epochs = defaults[args.dataset]
+    width, fc = args.width or width, args.fc or fc
+    epochs = args.epochs or default_epochs
+    batch_size = args.batch_size or 50
+    config = {"width": width, "fc": fc}
+
+    def make_model(method, rngs):
+      return models.VGG(
+        dataset.input_shape, dataset.num_classes, width=width, fc=fc, method=method, rngs=rngs
+      )
+
+    def schedule(method):
+      if args.dataset == "cifar10":
+        return train.exponential_schedule(args.lr or 0.03, 15 / 200, 0.5, 0.0, epochs)
+      base = args.lr or (0.001 if args.dataset == "svhn" else 0.01)
+      return train.step_schedule(base, (0.3, 0.5), 0.1, epochs)
+
+  def task_for(method):
+    return train.classification_task(
+      dataset, make_model, batch_size=batch_size, learning_rate=schedule(method)
+    )
+
+  config.update(dataset=args.dataset, batch_size=batch_size, epochs=epochs)
+  return task_for, config, PAPER.get((args.experiment, args.dataset))
+
+
+def _lstm_experiment(args: argparse.Namespace):
+  from lab_optax.experiments import models, train
+
+  text_path = args.text or Path(data_lib.DEFAULT_TEXT_PATH)
+  if args.text is None and not text_path.exists():
+    raise UsageError(
+      f"no text given and the default corpus {text_path} is absent: pass --text FILE_OR_DIR"
+    )
+  corpus = data_lib.make_char_dataset(data_lib.load_text(text_path))
+  epochs = args.epochs or 2
+  batch_size = args.batch_size or 50
+  needed = batch_size * args.timesteps + 1
+  for name, ids in (("training", corpus.train), ("validation", corpus.val), ("test", corpus.test)):
+    if len(ids) < needed:
+      raise UsageError(
+        f"{text_path} is too short: its {name} split has {len(ids)} characters, but one batch "
+        f"of --batch-size {batch_size} x --timesteps {args.timesteps} needs {needed}; lower "
+        "them or pass a longer --text"
+      )
+  schedule = train.exponential_schedule(args.lr or 2e-3, 1 / 200, 0.98, 10 / 200, epochs)
+
+  def make_model(method, rngs):
+    return models.CharLSTM(corpus.vocab_size, args.hidden, method=method, rngs=rngs)
+
+  task = train.language_model_task(
+    corpus,
+    make_model,
+    batch_size=batch_size,
+    timesteps=args.timesteps,
+    learning_rate=schedule,
+    grad_clip=5.0,
+  )
+  config = {
+    "text": str(text_path),
+    "characters": len(corpus.train) + len(corpus.val) + len(corpus.test),
+    "vocab_size": corpus.vocab_size,
+    "hidden": args.hidden,
+    "timesteps": args.timesteps,
+    "batch_size": batch_size,
+    "epochs": epochs,
+  }
+  paper = PAPER[("lstm", "linux")] if args.text is None else None
+  return (lambda method: task), config, paper
+
+
+def summarize(records: Sequence[dict[str, Any]], metric: str, paper: dict | None) -> str:
+  """The terminal table: mean +- std over seeds per method, beside the paper's figure."""
+  from lab_optax.experiments.models import METHODS
+
+  unit = "test error (%)" if metric == "test_error" else "test cross-entropy (nats/char)"
+  header = ["method", "seeds", unit] + (["paper"] if paper else [])
+  rows = []
+  for name in dict.fromkeys(r["method"] for r in records):
+    values = np.array([r[metric] for r in records if r["method"] == name], np.float64)
+    std = values.std(ddof=1) if len(values) > 1 else 0.0
+    row = [METHODS[name].label, str(len(values)), f"{values.mean():.3f} +- {std:.3f}"]
+    if paper:
+      row.append(f"{paper[name]:.3f}")
+    rows.append(row)
+  widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+  lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
+  lines.insert(1, "-" * len(lines[0]))
+  return "\n".join(lines)
+
+
+def _write_atomic(path: Path, write) -> None:
+  """Writes through a temporary file in the same directory, then renames it into place."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      write(f)
+    os.replace(tmp, path)
+  except BaseException:
+    Path(tmp).unlink(missing_ok=True)
+    raise
+
+
+def plot_curves(records: Sequence[dict[str, Any]], metric: str, path: Path, title: str) -> None:
+  """Validation curves per method (mean over seeds) as a PNG."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for name in dict.fromkeys(r["method"] for r in records):
+    runs = [r for r in records if r["method"] == name]
+    length = min(len(r["val_curve"]) for r in runs)
+    curve = np.mean([r["val_curve"][:length] for r in runs], axis=0)
+    ax.plot(np.arange(1, length + 1), curve, marker="o", markersize=3, label=runs[0]["label"])
+  ax.set_xlabel("epoch")
+  ax.set_ylabel("validation error (%)" if metric == "test_error" else "validation nats/char")
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  _write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=120))
+  plt.close(fig)
+
+
+def _run(args: argparse.Namespace) -> int:
+  import jax
+  from tqdm.auto import tqdm
+
+  import lab_optax
+  from lab_optax.experiments import models, train
+
+  if args.resume and args.checkpoint_dir is None:
+    raise UsageError("--resume needs --checkpoint-dir DIR")
+  if args.experiment == "lstm":
+    task_for, config, paper = _lstm_experiment(args)
+  else:
+    task_for, config, paper = _image_experiment(args)
+  try:
+    mesh = train.make_mesh(args.devices)
+  except ValueError as e:
+    raise UsageError(str(e)) from None
+  devices = mesh.devices.size
+  if config["batch_size"] % devices:
+    raise UsageError(
+      f"--batch-size {config['batch_size']} must be divisible by the {devices} devices"
+    )
+  config.update(
+    experiment=args.experiment,
+    methods=args.methods,
+    seeds=args.seeds,
+    devices=devices,
+    platform=jax.devices()[0].platform,
+    lab_optax_version=lab_optax.__version__,
+    jax_version=jax.__version__,
+    machine=platform.machine(),
+  )
+  out = args.out or Path("runs") / args.experiment
+  if args.checkpoint_dir is not None:
+    _check_checkpoint_config(args.checkpoint_dir, config, args.resume)
+
+  records = []
+  for name in args.methods:
+    method = models.METHODS[name]
+    task = task_for(method)
+    for seed in range(args.seeds):
+      ckpt = args.checkpoint_dir / f"{name}-seed{seed}" if args.checkpoint_dir else None
+      result = train.run(
+        task,
+        method,
+        seed,
+        epochs=config["epochs"],
+        mesh=mesh,
+        checkpoint_dir=ckpt,
+        resume=args.resume,
+        progress=None if args.no_progress else tqdm,
+      )
+      records.append(result.record())
+  metric = task.metric
+  results = {"config": config, "results": records}
+  _write_atomic(out / "results.json", lambda f: f.write(json.dumps(results, indent=2).encode()))
+  title = f"lab-optax {args.experiment} ({config.get('dataset', 'text')})"
+  plot_curves(records, metric, out / "validation_curves.png", title)
+  print(summarize(records, metric, paper))
+  print(f"results: {out / 'results.json'}, plot: {out / 'validation_curves.png'}")
+  return 0
+
+
+def _check_checkpoint_config(directory: Path, config: dict[str, Any], resume: bool) -> None:
+  """Refuses to mix runs of different configurations in one checkpoint directory."""
+  keys = (
+    "experiment",
+    "dataset",
+    "text",
+    "hidden",
+    "width",
+    "fc",
+    "timesteps",
+    "batch_size",
+    "epochs",
+  )
+  wanted = {k: config[k] for k in keys if k in config}
+  saved_path = directory / "config.json"
+  if saved_path.exists():
+    try:
+      saved = json.loads(saved_path.read_text())
+    except (OSError, ValueError) as e:
+      raise UsageError(f"cannot read {saved_path}: {e}") from None
+    if resume and saved != wanted:
+      diff = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
+      raise UsageError(
+        f"--resume: the checkpoints in {directory} were made with other settings "
+        f"({', '.join(diff)}); use the same flags or another --checkpoint-dir"
+      )
+    if not resume and any(p.is_dir() for p in directory.iterdir()):
+      raise UsageError(
+        f"--checkpoint-dir {directory} already holds runs: pass --resume to continue them, "
+        "or choose an empty directory"
+      )
+  _write_atomic(saved_path, lambda f: f.write(json.dumps(wanted, indent=2).encode()))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Entry point of the ``lab-optax`` console script; returns the exit status."""
+  parser = build_parser()
+  try:
+    args = parser.parse_args(argv)
+    return _run(args)
+  except (UsageError, data_lib.DataError) as e:
+    print(f"lab-optax: error: {e}", file=sys.stderr)
+    return 2
+  except OSError as e:
+    print(f"lab-optax: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+    return 2
+  except KeyboardInterrupt:
+    print("lab-optax: interrupted", file=sys.stderr)
+    return 130
+
+
+if __name__ == "__main__":
+  sys.exit(main())
