@@ -1,0 +1,255 @@
+"""Model size of packed binarized weights, and XNOR-popcount against the float product.
+
+Run from the repository root::
+
+  python benchmarks/bench_packing.py [--json results.json] [--runs 50]
+
+Part 1 builds the paper's MNIST MLP 784-2048-2048-2048-10 with batch norm after
+every layer (kernel and bias per Dense layer; scale, bias, running mean and
+variance per BatchNorm), trains it with ``lab_optax.lab`` for a few steps on
+random data (only so that the params are real binarized weights), and compares
+the float32 ``.npz`` of the params with the file of ``lab_optax.save_packed``.
+
+Part 2 times ``lab_optax.xnor_matmul`` against a float32 ``jnp.dot`` at the
+paper's layer shape, batch 100 and a 2048 x 2048 layer: both jitted, run
+alternately in the same process, medians of ``--runs`` calls each (with
+``block_until_ready``). It also times the other formulations that were tried,
+and the full layer helpers ``xnor_dense`` (packing the activations too) and
+``binary_dense``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import lab_optax
+
+SIZES = (784, 2048, 2048, 2048, 10)
+
+
+def cpu_name() -> str:
+  try:
+    out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    for line in out.splitlines():
+      if line.startswith("Model name"):
+        return line.split(":", 1)[1].strip()
+  except (OSError, subprocess.CalledProcessError):
+    pass
+  return platform.processor() or "unknown"
+
+
+# ---------------------------------------------------------------------------
+# Part 1: file size.
+
+
+def init_mlp(key: jax.Array) -> tuple[dict, dict]:
+  params, stats = {}, {}
+  for i, (fan_in, fan_out) in enumerate(zip(SIZES[:-1], SIZES[1:])):
+    key, sub = jax.random.split(key)
+    limit = np.sqrt(1.5 / (fan_in + fan_out))  # the paper's initialization
+    params[f"layer{i}"] = {
+      "kernel": jax.random.uniform(sub, (fan_in, fan_out), minval=-limit, maxval=limit),
+      "bias": jnp.zeros(fan_out),
+      "bn_scale": jnp.ones(fan_out),
+      "bn_bias": jnp.zeros(fan_out),
+    }
+    stats[f"layer{i}"] = {"mean": jnp.zeros(fan_out), "var": jnp.ones(fan_out)}
+  return params, stats
+
+
+def forward(params: dict, stats: dict, x: jax.Array) -> tuple[jax.Array, dict]:
+  """Training-mode forward pass; returns the output and the new running statistics."""
+  new_stats = {}
+  for i in range(len(SIZES) - 1):
+    p = params[f"layer{i}"]
+    x = x @ p["kernel"] + p["bias"]
+    mean, var = jnp.mean(x, axis=0), jnp.var(x, axis=0)
+    old = stats[f"layer{i}"]
+    new_stats[f"layer{i}"] = {
+      "mean": 0.9 * old["mean"] + 0.1 * mean,
+      "var": 0.9 * old["var"] + 0.1 * var,
+    }
+    x = (x - mean) / (jnp.sqrt(var) + 1e-4) * p["bn_scale"] + p["bn_bias"]
+    if i < len(SIZES) - 2:
+      x = jax.nn.relu(x)
+  return x, new_stats
+
+
+def trained_mlp(steps: int) -> dict:
+  params, stats = init_mlp(jax.random.key(0))
+  tx = lab_optax.lab(1e-2)
+  opt_state = tx.init(params)
+  params = lab_optax.binarize_params(params, opt_state)
+
+  @jax.jit
+  def step(params, stats, opt_state, key):
+    kx, ky = jax.random.split(key)
+    x = jax.random.normal(kx, (100, SIZES[0]))
+    y = 2.0 * jax.nn.one_hot(jax.random.randint(ky, (100,), 0, SIZES[-1]), SIZES[-1]) - 1.0
+
+    def loss(params):
+      out, new_stats = forward(params, stats, x)
+      return jnp.mean(jnp.maximum(0.0, 1.0 - y * out) ** 2), new_stats  # squared hinge
+
+    grads, new_stats = jax.grad(loss, has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), new_stats, opt_state
+
+  for i in range(steps):
+    params, stats, opt_state = step(params, stats, opt_state, jax.random.key(i + 1))
+  return {"params": params, "batch_stats": stats}
+
+
+def file_sizes(model: dict) -> dict:
+  packed = lab_optax.pack(model)
+  with tempfile.TemporaryDirectory() as tmp:
+    float_path = os.path.join(tmp, "float32.npz")
+    flat = {
+      jax.tree_util.keystr(k): np.asarray(v)
+      for k, v in jax.tree_util.tree_flatten_with_path(model)[0]
+    }
+    np.savez(float_path, **flat)
+    packed_path = os.path.join(tmp, "packed.npz")
+    lab_optax.save_packed(packed_path, packed)
+    restored = lab_optax.unpack(lab_optax.load_packed(packed_path))
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(model)):
+      np.testing.assert_array_equal(np.asarray(a).view(np.uint32), np.asarray(b).view(np.uint32))
+    float_bytes = os.path.getsize(float_path)
+    packed_bytes = os.path.getsize(packed_path)
+  leaves = jax.tree.leaves(packed, is_leaf=lambda x: isinstance(x, lab_optax.PackedBinary))
+  bits = [x for x in leaves if isinstance(x, lab_optax.PackedBinary)]
+  others = [x for x in leaves if not isinstance(x, lab_optax.PackedBinary)]
+  return {
+    "binarized_weights": sum(x.k * x.n for x in bits),
+    "full_precision_values": sum(int(np.size(x)) for x in others),
+    "float32_npz_bytes": float_bytes,
+    "packed_file_bytes": packed_bytes,
+    "ratio": float_bytes / packed_bytes,
+    "kernel_float32_bytes": sum(4 * x.k * x.n for x in bits),
+    "kernel_bits_bytes": sum(x.bits.nbytes + x.alpha.nbytes for x in bits),
+    "full_precision_bytes": sum(np.asarray(x).nbytes for x in others),
+  }
+
+
+# ---------------------------------------------------------------------------
+# Part 2: speed.
+
+
+def xnor_broadcast(a_bits: jax.Array, b_bits: jax.Array, k: int) -> jax.Array:
+  """A formulation that was tried: broadcast to (M, N, W), reduce the minor axis."""
+  counts = jax.lax.population_count(a_bits[:, None, :] ^ b_bits[None, :, :])
+  return k - 2 * jnp.sum(counts, axis=-1, dtype=jnp.uint32).astype(jnp.int32)
+
+
+def xnor_fori_unroll1(a_bits: jax.Array, b_bits: jax.Array, k: int) -> jax.Array:
+  """The shipped loop over words without unrolling."""
+  a_t, b_t = a_bits.T, b_bits.T
+
+  def step(w, acc):
+    return acc + jax.lax.population_count(a_t[w][:, None] ^ b_t[w][None, :])
+
+  acc = jnp.zeros((a_bits.shape[0], b_bits.shape[0]), jnp.uint32)
+  return k - 2 * jax.lax.fori_loop(0, a_bits.shape[1], step, acc).astype(jnp.int32)
+
+
+def time_alternately(fns: dict, runs: int) -> dict:
+  """Median milliseconds per call, the candidates interleaved run by run."""
+  for fn, args in fns.values():
+    jax.block_until_ready(fn(*args))  # compile and warm up
+  times = {name: [] for name in fns}
+  for _ in range(runs):
+    for name, (fn, args) in fns.items():
+      start = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      times[name].append(time.perf_counter() - start)
+  return {name: 1e3 * statistics.median(t) for name, t in times.items()}
+
+
+def matmul_speed(m: int, k: int, n: int, runs: int) -> dict:
+  rng = np.random.default_rng(0)
+  a = np.where(rng.random((m, k)) < 0.5, -1.0, 1.0).astype(np.float32)
+  b = np.where(rng.random((k, n)) < 0.5, -1.0, 1.0).astype(np.float32)
+  a_bits, b_bits = lab_optax.pack_bits(a), lab_optax.pack_bits(b.T)
+  exact = a.astype(np.int64) @ b.astype(np.int64)
+  np.testing.assert_array_equal(lab_optax.xnor_matmul(a_bits, b_bits, k), exact)
+  np.testing.assert_array_equal(xnor_broadcast(a_bits, b_bits, k), exact)
+  np.testing.assert_array_equal(xnor_fori_unroll1(a_bits, b_bits, k), exact)
+
+  kernel = 0.01 * jnp.asarray(b)
+  packed = lab_optax.pack({"w": kernel})["w"]
+  x, a, b = jnp.asarray(a), jnp.asarray(a), jnp.asarray(b)
+  fns = {
+    "float32 jnp.dot": (jax.jit(jnp.dot), (x, b)),
+    "xnor_matmul": (jax.jit(lab_optax.xnor_matmul, static_argnums=2), (a_bits, b_bits, k)),
+    "xnor, fori without unroll": (
+      jax.jit(xnor_fori_unroll1, static_argnums=2),
+      (a_bits, b_bits, k),
+    ),
+    "xnor, broadcast + reduce": (jax.jit(xnor_broadcast, static_argnums=2), (a_bits, b_bits, k)),
+    "xnor_dense (packs x too)": (jax.jit(lab_optax.xnor_dense), (x, packed)),
+    "binary_dense (float)": (jax.jit(lab_optax.binary_dense), (x, packed)),
+  }
+  return time_alternately(fns, runs)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--json", help="also write the results to this JSON file")
+  parser.add_argument("--runs", type=int, default=50, help="timed calls per candidate (>= 20)")
+  parser.add_argument("--steps", type=int, default=3, help="lab training steps of the MLP")
+  args = parser.parse_args()
+  if args.runs < 20:
+    parser.error("--runs must be at least 20")
+
+  machine = {
+    "cpu": cpu_name(),
+    "cores": os.cpu_count(),
+    "device": str(jax.devices()[0]),
+    "jax": jax.__version__,
+  }
+  print(
+    f"machine: {machine['cpu']}, {machine['cores']} cores, JAX {machine['jax']} on {machine['device']}"
+  )
+
+  sizes = file_sizes(trained_mlp(args.steps))
+  print("\nMNIST MLP 784-2048-2048-2048-10 with batch norm, trained with lab_optax.lab")
+  print(f"  binarized weights       {sizes['binarized_weights']:>12,}")
+  print(f"  full-precision values   {sizes['full_precision_values']:>12,}")
+  print(f"  float32 .npz            {sizes['float32_npz_bytes']:>12,} bytes")
+  print(f"  save_packed file        {sizes['packed_file_bytes']:>12,} bytes")
+  print(f"    of which bits+alphas  {sizes['kernel_bits_bytes']:>12,} bytes")
+  print(f"    full-precision leaves {sizes['full_precision_bytes']:>12,} bytes")
+  print(f"  ratio                   {sizes['ratio']:>12.2f}x")
+  print(
+    f"  kernels alone           {sizes['kernel_float32_bytes'] / sizes['kernel_bits_bytes']:>12.2f}x"
+  )
+
+  m, k, n = 100, 2048, 2048
+  speed = matmul_speed(m, k, n, args.runs)
+  base = speed["float32 jnp.dot"]
+  print(f"\n({m}, {k}) x ({k}, {n}), median of {args.runs} jitted calls each, interleaved")
+  print(f"  {'':28} {'ms':>8} {'speed-up vs dot':>16}")
+  for name, ms in speed.items():
+    print(f"  {name:28} {ms:8.3f} {base / ms:15.2f}x")
+
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(
+        {"machine": machine, "file_size": sizes, "matmul_ms": speed, "runs": args.runs}, f, indent=2
+      )
+
+
+if __name__ == "__main__":
+  main()
