@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from jax.experimental.shard_alike import shard_alike
 
 from lab_optax._src import masks as masks_lib
 from lab_optax._src import projections
@@ -162,7 +163,11 @@ def projected_adam(
     flags = masks_lib.resolve_mask(mask, params)
 
     def moment(p, dtype=None):
-      return jnp.zeros_like(p, dtype=dtype) if masks_lib.is_floating(p) else _MASKED
+      if not masks_lib.is_floating(p):
+        return _MASKED
+      # Under jit with automatic sharding, zeros depend on no input and would be
+      # replicated (or put on one device); shard_alike lays them out like p.
+      return shard_alike(jnp.zeros_like(p, dtype=dtype), p)[0]
 
     def latent(p, binarized):
       if not binarized:

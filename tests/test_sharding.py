@@ -1,0 +1,74 @@
+"""lab, bwn and binary_connect sharded over a device mesh give the one-device results.
+
+The runs happen in a child process (``sharding_check.py``) with 8 simulated CPU
+devices, since the device count is fixed once JAX starts.
+"""
+
+import functools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+CHECK = Path(__file__).with_name("sharding_check.py")
+METHODS = ("lab", "bwn", "binary_connect")
+LAYOUTS = ("fully_sharded", "per_channel", "data_parallel")
+# Every method on meshes with automatic axes; on explicit axes the shared code
+# paths are covered by lab, the other methods are in the slow run.
+FAST = [f"auto/{layout}/{method}" for layout in LAYOUTS for method in METHODS] + [
+  f"explicit/{layout}/lab" for layout in LAYOUTS
+]
+SLOW = [f"explicit/{layout}/{method}" for layout in LAYOUTS for method in METHODS[1:]]
+# Sharded reductions (alpha, matmuls, the batch mean) add in another order than
+# on one device; a per-shard alpha or a missing all-reduce is off by O(1).
+TOLERANCE = 2e-4
+
+
+@functools.cache
+def run_check(cases):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env["XLA_FLAGS"] = (
+    env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+  ).strip()
+  proc = subprocess.run(
+    [sys.executable, str(CHECK), *cases],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
+  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert out["devices"] == 8
+  assert sorted(out["cases"]) == sorted(cases)
+  return out["cases"]
+
+
+def check_case(result, name):
+  _, layout, method = name.split("/")
+  assert result["count"] > 1 and result["moved"], "the run must train the binarized kernels"
+  assert result["binarized"] == ["k1", "k2"]
+  for field, error in result["errors"].items():
+    assert error < TOLERANCE, f"{field} differs from the one-device run by {error:.2e}"
+  # mu, nu and latent are laid out like their params after init and every step.
+  assert result["sharding_mismatches"] == []
+  # One alpha over the whole tensor (or channel): each binarized kernel holds
+  # one |value| per alpha although its shards differ in magnitude, so that an
+  # alpha computed per shard would be far off.
+  assert result["two_values"]
+  if layout != "data_parallel" and method != "binary_connect":
+    assert result["per_shard_alpha_spread"] > 0.5
+
+
+@pytest.mark.parametrize("name", FAST)
+def test_sharded_run_matches_one_device(name):
+  check_case(run_check(tuple(FAST))[name], name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", SLOW)
+def test_sharded_run_matches_one_device_explicit_axes(name):
+  check_case(run_check(tuple(SLOW))[name], name)
