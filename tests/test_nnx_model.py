@@ -3,6 +3,7 @@
 import jax
 import numpy as np
 import optax
+import pytest
 from flax import nnx
 
 import lab_optax
@@ -58,3 +59,93 @@ def test_binarize_model_applies_the_first_projection():
       optax.tree.get(nnx.as_pure(optimizer.opt_state), "latent")["conv"]["kernel"], kernel
     )
     assert len(np.unique(np.asarray(model.fp.kernel.get_value()))) > 2
+
+
+def binarized(model):
+  """Puts every binary kernel of model on the binary set, as a lab_optax optimizer would."""
+  for _, module in nnx.iter_modules(model):
+    for value in vars(module).values():
+      if isinstance(value, lab_optax.nnx.BinaryParam):
+        value.set_value(lab_optax.binarize_ste(value.get_value()))
+  return model
+
+
+class Deep(nnx.Module):
+  def __init__(self, binary_inputs, rngs):
+    self.conv1 = BinaryConv(3, 8, (3, 3), rngs=rngs)
+    self.conv2 = BinaryConv(8, 8, (3, 3), strides=2, binarize_inputs=binary_inputs, rngs=rngs)
+    self.dense = BinaryLinear(4 * 4 * 8, 70, binarize_inputs=binary_inputs, rngs=rngs)
+    self.cell = lab_optax.nnx.BinaryLSTMCell(70, 12, binary_activation=binary_inputs, rngs=rngs)
+
+  def __call__(self, x):
+    x = self.conv2(jax.nn.tanh(self.conv1(x)))
+    x = self.dense(jax.nn.tanh(x).reshape(x.shape[0], -1))
+    carry = self.cell.initialize_carry(x.shape, nnx.Rngs(0))
+    (_, h), _ = self.cell(carry, x)
+    (_, h), _ = self.cell((h, h), x)
+    return h
+
+
+@pytest.mark.parametrize("binary_inputs", [False, True])
+def test_packed_inference_equals_float_inference(binary_inputs, tmp_path):
+  model = binarized(Deep(binary_inputs, nnx.Rngs(0)))
+  x = jax.random.normal(jax.random.key(1), (5, 8, 8, 3))
+  expected = model(x)
+  before = lab_optax.summary(model, print_fn=None)
+  lab_optax.nnx.pack_model(model)
+  kernels = jax.tree.leaves(
+    nnx.state(model, lab_optax.nnx.BinaryParam),
+    is_leaf=lambda v: isinstance(v, lab_optax.PackedBinary),
+  )
+  assert len(kernels) == 11 and all(isinstance(k, lab_optax.PackedBinary) for k in kernels)
+  np.testing.assert_allclose(model(x), expected, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(jax.jit(lambda m, x: m(x))(model, x), expected, rtol=1e-5, atol=1e-5)
+  after = lab_optax.summary(model, print_fn=None)
+  assert (after.binary_params, after.alphas, after.float_params) == (
+    before.binary_params,
+    before.alphas,
+    before.float_params,
+  )
+  # The packed network in one file, loaded into a fresh model of the same shape.
+  path = tmp_path / "model.npz"
+  lab_optax.save_packed(path, nnx.state(model))
+  fresh = Deep(binary_inputs, nnx.Rngs(42))
+  nnx.update(fresh, lab_optax.load_packed(path))
+  np.testing.assert_array_equal(fresh(x), model(x))
+  # Unpacking gives the float kernels back bit for bit.
+  lab_optax.nnx.unpack_model(model)
+  np.testing.assert_array_equal(model(x), expected)
+
+
+def test_xnor_path_is_exact_on_integers():
+  for layer, x, dims in (
+    (BinaryLinear(100, 7, use_bias=False, binarize_inputs=True, rngs=nnx.Rngs(0)), (6, 100), None),
+    (
+      BinaryConv(5, 4, (3, 3), use_bias=False, binarize_inputs=True, rngs=nnx.Rngs(0)),
+      (2, 6, 6, 5),
+      ("NHWC", "HWIO", "NHWC"),
+    ),
+  ):
+    binarized(layer)
+    kernel = layer.kernel.get_value()
+    alpha = np.float32(np.abs(np.asarray(kernel)).max())
+    signs = np.where(np.asarray(kernel) >= 0, 1.0, -1.0)
+    inputs = jax.random.normal(jax.random.key(2), x)
+    xs = np.where(np.asarray(inputs) >= 0, 1.0, -1.0)
+    if dims is None:
+      integer = xs @ signs
+    else:
+      integer = np.asarray(
+        jax.lax.conv_general_dilated(
+          xs, signs, (1, 1), "SAME", dimension_numbers=dims, precision="highest"
+        )
+      )
+    lab_optax.nnx.pack_model(layer)
+    out = np.asarray(layer(inputs))
+    np.testing.assert_array_equal(out, (alpha * integer.astype(np.float32)).astype(np.float32))
+
+
+def test_pack_model_refuses_a_kernel_that_is_not_binarized():
+  layer = BinaryLinear(4, 3, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="kernel"):
+    lab_optax.nnx.pack_model(layer)

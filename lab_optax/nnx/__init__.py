@@ -8,7 +8,7 @@ from lab_optax.nnx.layers import (
   lstm_kernel_init,
   paper_kernel_init,
 )
-from lab_optax.nnx.model import binarize_model, binary_mask
+from lab_optax.nnx.model import binarize_model, binary_mask, pack_model, unpack_model
 from lab_optax.nnx.summary import LayerSummary, ModelSummary, summary
 
 __all__ = (
@@ -21,6 +21,8 @@ __all__ = (
   "binarize_model",
   "binary_mask",
   "lstm_kernel_init",
+  "pack_model",
   "paper_kernel_init",
   "summary",
+  "unpack_model",
 )

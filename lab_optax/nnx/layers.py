@@ -11,6 +11,11 @@ and binarizes any other kernel as BWN; ``input_quantizer`` is
 the identity otherwise. Kernels are :class:`BinaryParam` so that a model's
 binary weights can be selected with an nnx filter; biases are plain
 ``nnx.Param``.
+
+After :func:`lab_optax.nnx.pack_model`, a kernel holds a
+:class:`lab_optax.PackedBinary` (1 bit per weight and its alpha) and the layer
+runs inference from it: ``alpha * (x @ b)`` for real-valued inputs, and the
+exact XNOR-popcount product for binarized inputs.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from flax import nnx
 from flax.nnx.nn import dtypes
 from flax.typing import Dtype, Initializer, PrecisionLike
 
+from lab_optax._src import packing
 from lab_optax._src.ste import binarize_ste, sign_ste
 
 Array = jax.Array
@@ -173,6 +179,29 @@ class BinaryLinear(nnx.Linear):
     self.binarize_kernel = binarize_kernel
     self.binarize_inputs = binarize_inputs
 
+  def __call__(self, inputs: Array, out_sharding: Any = None) -> Array:
+    """``y = input_quantizer(x) @ binarize_ste(kernel) + bias``; packed kernels run 1-bit inference."""
+    kernel = self.kernel.get_value()
+    if not isinstance(kernel, packing.PackedBinary):
+      return super().__call__(inputs, out_sharding)
+    inputs = _inference_dtype(inputs, self.dtype)
+    if self.binarize_inputs:
+      y = packing.xnor_dense(inputs, kernel)
+    else:
+      y = packing.binary_dense(inputs, kernel, precision=self.precision)
+    return _add_bias(y, self.bias)
+
+
+def _inference_dtype(inputs: Array, dtype: Dtype | None) -> Array:
+  inputs = jnp.asarray(inputs)
+  return inputs.astype(dtype) if dtype is not None else inputs
+
+
+def _add_bias(y: Array, bias: nnx.Param | None) -> Array:
+  if bias is None:
+    return y
+  return y + jnp.asarray(bias.get_value(), y.dtype)
+
 
 class BinaryConv(nnx.Conv):
   """A binarized ``nnx.Conv``: ``y = conv(input_quantizer(x), binarize_ste(kernel)) + bias``.
@@ -221,6 +250,27 @@ class BinaryConv(nnx.Conv):
     self.kernel = _as_binary_param(self.kernel, binarize_kernel)
     self.binarize_kernel = binarize_kernel
     self.binarize_inputs = binarize_inputs
+
+  def __call__(self, inputs: Array, out_sharding: Any = None) -> Array:
+    """``y = conv(input_quantizer(x), binarize_ste(kernel)) + bias``; packed kernels run 1-bit inference."""
+    kernel = self.kernel.get_value()
+    if not isinstance(kernel, packing.PackedBinary):
+      return super().__call__(inputs, out_sharding)
+    if self.mask is not None:
+      raise ValueError("a BinaryConv with a kernel mask cannot run from packed weights")
+    conv = packing.xnor_conv if self.binarize_inputs else packing.binary_conv
+    extra = {} if self.binarize_inputs else {"precision": self.precision}
+    y = conv(
+      _inference_dtype(inputs, self.dtype),
+      kernel,
+      strides=1 if self.strides is None else self.strides,
+      padding=self.padding,
+      input_dilation=1 if self.input_dilation is None else self.input_dilation,
+      kernel_dilation=1 if self.kernel_dilation is None else self.kernel_dilation,
+      feature_group_count=self.feature_group_count,
+      **extra,
+    )
+    return _add_bias(y, self.bias)
 
 
 class BinaryLSTMCell(nnx.LSTMCell):

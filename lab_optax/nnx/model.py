@@ -7,6 +7,7 @@ from typing import Any
 import jax
 from flax import nnx
 
+from lab_optax._src import packing
 from lab_optax._src.transform import binarize_params
 from lab_optax.nnx.layers import BinaryParam
 
@@ -64,3 +65,66 @@ def binarize_model(model: nnx.Module, optimizer: nnx.Optimizer) -> None:
   """
   params = nnx.as_pure(nnx.state(model, optimizer.wrt))
   nnx.update(model, binarize_params(params, nnx.as_pure(optimizer.opt_state)))
+
+
+def _binary_state(model: nnx.Module) -> nnx.State:
+  return nnx.as_pure(nnx.state(model, BinaryParam))
+
+
+def pack_model(model: nnx.Module, *, per_channel: bool | None = None) -> nnx.Module:
+  """Replaces every :class:`BinaryParam` kernel by its packed form, in place, for inference.
+
+  Each kernel becomes a :class:`lab_optax.PackedBinary`: its signs, 32 to a
+  uint32 word along the reduction axis, and its alpha. The binary layers then
+  run from the packed weights: ``alpha * (x @ b)`` for real-valued inputs and
+  the XNOR-popcount product for binarized inputs. ``nnx.state(model)`` is then
+  the deployable 1-bit network; save it with :func:`lab_optax.save_packed`.
+
+  Args:
+    model: a model whose binary kernels are binarized (trained with
+      lab_optax's optimizers, or binarized with :func:`binarize_model`).
+    per_channel: whether the alphas are per output channel; ``None`` reads it
+      from the values.
+
+  Returns:
+    ``model``, for chaining.
+
+  Raises:
+    ValueError: naming the kernel, if a kernel is not binarized.
+
+  Example usage::
+
+    >>> import jax.numpy as jnp, lab_optax
+    >>> from flax import nnx
+    >>> from lab_optax.nnx import BinaryLinear, pack_model
+    >>> layer = BinaryLinear(64, 4, rngs=nnx.Rngs(0))
+    >>> layer.kernel.set_value(lab_optax.binarize_ste(layer.kernel.get_value()))
+    >>> x = jnp.ones((2, 64))
+    >>> y = layer(x)
+    >>> _ = pack_model(layer)
+    >>> layer.kernel.get_value().bits.shape  # 4 channels of 64 bits: 2 words each
+    (4, 2)
+    >>> bool(jnp.allclose(layer(x), y, rtol=1e-6))
+    True
+  """
+  state = _binary_state(model)
+  everything = jax.tree.map(lambda _: True, state)
+  nnx.update(model, packing.pack(state, everything, per_channel=per_channel))
+  return model
+
+
+def unpack_model(model: nnx.Module) -> nnx.Module:
+  """Undoes :func:`pack_model` in place: kernels hold ``alpha * sign`` floats again.
+
+  Args:
+    model: a model packed by :func:`pack_model` (or loaded from a packed file).
+
+  Returns:
+    ``model``, for chaining.
+  """
+  state = nnx.state(model, BinaryParam)
+  packed = jax.tree.map(
+    lambda v: v.get_value(), state, is_leaf=lambda x: isinstance(x, nnx.Variable)
+  )
+  nnx.update(model, packing.unpack(packed))
+  return model

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lab_optax._src.packing import PackedBinary
 from lab_optax.nnx.layers import BinaryParam
 
 
@@ -119,8 +120,10 @@ class ModelSummary:
     return self.table()
 
 
-def _alphas(kernel: jnp.ndarray) -> int:
+def _alphas(kernel: jnp.ndarray | PackedBinary) -> int:
   """One alpha per tensor, or per output channel when the kernel was binarized so."""
+  if isinstance(kernel, PackedBinary):
+    return int(np.size(kernel.alpha))
   k = np.abs(np.asarray(kernel, np.float32))
   if k.size == 0 or k.ndim == 0 or k.max() == k.min():
     return 1
@@ -159,8 +162,10 @@ def summary(model: nnx.Module, print_fn: Callable[[str], None] | None = print) -
     binary = floating = alphas = 0
     for value in vars(module).values():
       if isinstance(value, BinaryParam):
-        binary += value.get_value().size
-        alphas += _alphas(value.get_value())
+        kernel = value.get_value()
+        shape = kernel.shape  # a PackedBinary keeps the kernel's shape
+        binary += int(np.prod(shape))
+        alphas += _alphas(kernel)
       elif isinstance(value, (nnx.Param, nnx.BatchStat)):
         floating += int(np.size(value.get_value()))
     if binary or floating:
