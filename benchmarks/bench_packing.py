@@ -5,10 +5,13 @@ Run from the repository root::
   python benchmarks/bench_packing.py [--json results.json] [--runs 50]
 
 Part 1 builds the paper's MNIST MLP 784-2048-2048-2048-10 with batch norm after
-every layer (kernel and bias per Dense layer; scale, bias, running mean and
-variance per BatchNorm), trains it with ``lab_optax.lab`` for a few steps on
-random data (only so that the params are real binarized weights), and compares
-the float32 ``.npz`` of the params with the file of ``lab_optax.save_packed``.
+every layer, exactly as ``lab-optax mlp --dataset mnist`` trains it
+(``lab_optax.experiments.models.MLP``: binarized kernels without biases, since
+the batch norm that follows has one; batch-norm scale, bias, running mean and
+variance), trains it with ``lab_optax.lab`` for a few steps on random data (only
+so that the params are real binarized weights), and compares the float32
+``.npz`` of the whole model state with the ``lab_optax.save_packed`` file of the
+model after ``lab_optax.nnx.pack_model``.
 
 Part 2 times ``lab_optax.xnor_matmul`` against a float32 ``jnp.dot`` at the
 paper's layer shape, batch 100 and a 2048 x 2048 layer: both jitted, run
@@ -32,9 +35,10 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
+from flax import nnx
 
 import lab_optax
+from lab_optax.experiments.models import METHODS, MLP, squared_hinge
 
 SIZES = (784, 2048, 2048, 2048, 10)
 
@@ -54,81 +58,64 @@ def cpu_name() -> str:
 # Part 1: file size.
 
 
-def init_mlp(key: jax.Array) -> tuple[dict, dict]:
-  params, stats = {}, {}
-  for i, (fan_in, fan_out) in enumerate(zip(SIZES[:-1], SIZES[1:])):
-    key, sub = jax.random.split(key)
-    limit = np.sqrt(1.5 / (fan_in + fan_out))  # the paper's initialization
-    params[f"layer{i}"] = {
-      "kernel": jax.random.uniform(sub, (fan_in, fan_out), minval=-limit, maxval=limit),
-      "bias": jnp.zeros(fan_out),
-      "bn_scale": jnp.ones(fan_out),
-      "bn_bias": jnp.zeros(fan_out),
-    }
-    stats[f"layer{i}"] = {"mean": jnp.zeros(fan_out), "var": jnp.ones(fan_out)}
-  return params, stats
+def trained_mlp(steps: int) -> nnx.Module:
+  """The experiments' MNIST MLP (lab_optax.experiments.models.MLP) after a few LAB steps."""
+  method = METHODS["lab"]
+  model = MLP(
+    SIZES[0], SIZES[-1], hidden=SIZES[1], depth=len(SIZES) - 2, method=method, rngs=nnx.Rngs(0)
+  )
+  optimizer = nnx.Optimizer(model, method.make_optimizer(1e-2, model), wrt=nnx.Param)
+  lab_optax.nnx.binarize_model(model, optimizer)
 
-
-def forward(params: dict, stats: dict, x: jax.Array) -> tuple[jax.Array, dict]:
-  """Training-mode forward pass; returns the output and the new running statistics."""
-  new_stats = {}
-  for i in range(len(SIZES) - 1):
-    p = params[f"layer{i}"]
-    x = x @ p["kernel"] + p["bias"]
-    mean, var = jnp.mean(x, axis=0), jnp.var(x, axis=0)
-    old = stats[f"layer{i}"]
-    new_stats[f"layer{i}"] = {
-      "mean": 0.9 * old["mean"] + 0.1 * mean,
-      "var": 0.9 * old["var"] + 0.1 * var,
-    }
-    x = (x - mean) / (jnp.sqrt(var) + 1e-4) * p["bn_scale"] + p["bn_bias"]
-    if i < len(SIZES) - 2:
-      x = jax.nn.relu(x)
-  return x, new_stats
-
-
-def trained_mlp(steps: int) -> dict:
-  params, stats = init_mlp(jax.random.key(0))
-  tx = lab_optax.lab(1e-2)
-  opt_state = tx.init(params)
-  params = lab_optax.binarize_params(params, opt_state)
-
-  @jax.jit
-  def step(params, stats, opt_state, key):
+  @nnx.jit
+  def step(model, optimizer, key):
     kx, ky = jax.random.split(key)
     x = jax.random.normal(kx, (100, SIZES[0]))
-    y = 2.0 * jax.nn.one_hot(jax.random.randint(ky, (100,), 0, SIZES[-1]), SIZES[-1]) - 1.0
-
-    def loss(params):
-      out, new_stats = forward(params, stats, x)
-      return jnp.mean(jnp.maximum(0.0, 1.0 - y * out) ** 2), new_stats  # squared hinge
-
-    grads, new_stats = jax.grad(loss, has_aux=True)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), new_stats, opt_state
+    y = jax.random.randint(ky, (100,), 0, SIZES[-1])
+    grads = nnx.grad(lambda m: squared_hinge(m(x), y))(model)
+    optimizer.update(model, grads)
 
   for i in range(steps):
-    params, stats, opt_state = step(params, stats, opt_state, jax.random.key(i + 1))
-  return {"params": params, "batch_stats": stats}
+    step(model, optimizer, jax.random.key(i + 1))
+  model.eval()
+  return model
 
 
-def file_sizes(model: dict) -> dict:
-  packed = lab_optax.pack(model)
+def _flat(state) -> dict:
+  return {
+    jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(state)
+  }
+
+
+def file_sizes(model: nnx.Module) -> dict:
+  """The model's state as a float32 .npz against the file of save_packed after pack_model."""
+  float_state = jax.tree.map(
+    np.asarray, nnx.as_pure(nnx.state(model))
+  )  # a copy: packing is in place
   with tempfile.TemporaryDirectory() as tmp:
     float_path = os.path.join(tmp, "float32.npz")
-    flat = {
-      jax.tree_util.keystr(k): np.asarray(v)
-      for k, v in jax.tree_util.tree_flatten_with_path(model)[0]
-    }
-    np.savez(float_path, **flat)
+    np.savez(float_path, **_flat(float_state))
+    lab_optax.nnx.pack_model(model)
+    packed_state = nnx.state(model)
     packed_path = os.path.join(tmp, "packed.npz")
-    lab_optax.save_packed(packed_path, packed)
-    restored = lab_optax.unpack(lab_optax.load_packed(packed_path))
-    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(model)):
+    lab_optax.save_packed(packed_path, packed_state)
+    # The file gives the float model back bit for bit.
+    restored = lab_optax.load_packed(packed_path)
+    fresh = MLP(
+      SIZES[0],
+      SIZES[-1],
+      hidden=SIZES[1],
+      depth=len(SIZES) - 2,
+      method=METHODS["lab"],
+      rngs=nnx.Rngs(1),
+    )
+    nnx.update(fresh, restored)
+    lab_optax.nnx.unpack_model(fresh)
+    for a, b in zip(_flat(nnx.as_pure(nnx.state(fresh))).values(), _flat(float_state).values()):
       np.testing.assert_array_equal(np.asarray(a).view(np.uint32), np.asarray(b).view(np.uint32))
     float_bytes = os.path.getsize(float_path)
     packed_bytes = os.path.getsize(packed_path)
-  leaves = jax.tree.leaves(packed, is_leaf=lambda x: isinstance(x, lab_optax.PackedBinary))
+  leaves = jax.tree.leaves(packed_state, is_leaf=lambda x: isinstance(x, lab_optax.PackedBinary))
   bits = [x for x in leaves if isinstance(x, lab_optax.PackedBinary)]
   others = [x for x in leaves if not isinstance(x, lab_optax.PackedBinary)]
   return {

@@ -206,12 +206,12 @@ def _add_bias(y: Array, bias: nnx.Param | None) -> Array:
 class BinaryConv(nnx.Conv):
   """A binarized ``nnx.Conv``: ``y = conv(input_quantizer(x), binarize_ste(kernel)) + bias``.
 
-  Takes every argument of ``nnx.Conv`` (NHWC inputs; kernel of shape
-  ``kernel_size + (in_features // feature_group_count, out_features)``) plus
-  ``binarize_kernel`` and ``binarize_inputs``, as :class:`BinaryLinear`; the
-  default kernel initializer is the paper's. With lab_optax's optimizers the
-  kernel is used as the optimizer binarized it; with any other optimizer the
-  layer trains as BWN.
+  Mirrors ``nnx.Conv`` (NHWC inputs; kernel of shape
+  ``kernel_size + (in_features // feature_group_count, out_features)``) and
+  adds ``binarize_kernel`` and ``binarize_inputs``, as :class:`BinaryLinear`;
+  the default kernel initializer is the paper's. With lab_optax's optimizers
+  the kernel is used as the optimizer binarized it; with any other optimizer
+  the layer trains as BWN.
 
   Example usage::
 
@@ -221,6 +221,34 @@ class BinaryConv(nnx.Conv):
     >>> layer = BinaryConv(3, 8, (3, 3), rngs=nnx.Rngs(0))
     >>> layer(jnp.ones((2, 16, 16, 3))).shape
     (2, 16, 16, 8)
+
+  Args:
+    in_features: number of input channels.
+    out_features: number of output channels (filters).
+    kernel_size: shape of the convolutional window.
+    strides: inter-window strides.
+    padding: ``'SAME'``, ``'VALID'``, ``'CIRCULAR'``, ``'CAUSAL'`` or explicit
+      pairs, as ``nnx.Conv``; packed inference takes ``'SAME'``, ``'VALID'`` and
+      explicit pairs.
+    input_dilation: dilation of the inputs.
+    kernel_dilation: dilation of the kernel (atrous convolution).
+    feature_group_count: number of feature groups (grouped convolution).
+    use_bias: whether to add a bias.
+    binarize_kernel: binarize the kernel (``False``: a full-precision conv).
+    binarize_inputs: binarize the inputs with :func:`lab_optax.sign_ste`
+      (LAB2, BNN, XNOR). Zero padding stays zero, as in the float conv.
+    mask: optional mask of the kernel's shape, as ``nnx.Conv``.
+    dtype: the dtype of the computation.
+    param_dtype: the dtype of the parameters.
+    precision: numerical precision of the computation.
+    kernel_init: initializer of the kernel (default: the paper's).
+    bias_init: initializer of the bias.
+    conv_general_dilated: the convolution function.
+    promote_dtype: function to promote the dtype of the arrays.
+    preferred_element_type: output dtype of the convolution.
+    rngs: rng key.
+    kernel_metadata: metadata of the kernel param.
+    bias_metadata: metadata of the bias param.
   """
 
   def __init__(
@@ -230,22 +258,48 @@ class BinaryConv(nnx.Conv):
     kernel_size: int | tuple[int, ...],
     strides: int | tuple[int, ...] | None = 1,
     *,
+    padding: Any = "SAME",
+    input_dilation: int | tuple[int, ...] | None = 1,
+    kernel_dilation: int | tuple[int, ...] | None = 1,
+    feature_group_count: int = 1,
+    use_bias: bool = True,
     binarize_kernel: bool = True,
     binarize_inputs: bool = False,
+    mask: Array | None = None,
+    dtype: Dtype | None = None,
+    param_dtype: Dtype = jnp.float32,
+    precision: PrecisionLike = None,
     kernel_init: Initializer = default_kernel_init,
+    bias_init: Initializer = default_bias_init,
     conv_general_dilated: Callable[..., Array] = jax.lax.conv_general_dilated,
+    promote_dtype: Callable = dtypes.promote_dtype,
+    preferred_element_type: Dtype | None = None,
     rngs: nnx.Rngs,
-    **kwargs: Any,
+    kernel_metadata: Mapping[str, Any] = MappingProxyType({}),
+    bias_metadata: Mapping[str, Any] = MappingProxyType({}),
   ):
     super().__init__(
       in_features,
       out_features,
       kernel_size,
       strides,
+      padding=padding,
+      input_dilation=input_dilation,
+      kernel_dilation=kernel_dilation,
+      feature_group_count=feature_group_count,
+      use_bias=use_bias,
+      mask=mask,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      precision=precision,
       kernel_init=kernel_init,
+      bias_init=bias_init,
       conv_general_dilated=_BinaryOp(conv_general_dilated, binarize_kernel, binarize_inputs),
+      promote_dtype=promote_dtype,
+      preferred_element_type=preferred_element_type,
       rngs=rngs,
-      **kwargs,
+      kernel_metadata=kernel_metadata,
+      bias_metadata=bias_metadata,
     )
     self.kernel = _as_binary_param(self.kernel, binarize_kernel)
     self.binarize_kernel = binarize_kernel
