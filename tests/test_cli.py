@@ -230,3 +230,31 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
   b = load_results(resumed)["results"][0]
   for key in ("val_curve", "test_curve", "train_loss_curve", "test_cross_entropy", "best_epoch"):
     assert a[key] == b[key], key
+
+
+def test_data_parallel_over_eight_devices_matches_one_device(tmp_path):
+  """--devices N shards each batch over N (simulated) devices; results match one device."""
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  base = [sys.executable, "-m", "lab_optax.experiments.cli", "mlp", "--hidden", "32"]
+  base += ["--methods", "lab,fp", "--epochs", "2", "--batch-size", "64", "--no-progress"]
+  curves = {}
+  for devices in (1, 8):
+    out = tmp_path / f"d{devices}"
+    subprocess.run(
+      [*base, "--devices", str(devices), "--out", str(out)],
+      check=True,
+      env=env,
+      timeout=300,
+      capture_output=True,
+    )
+    results = load_results(out)
+    assert results["config"]["devices"] == devices
+    curves[devices] = [r["train_loss_curve"] for r in results["results"]]
+  # Full precision matches closely (batch norm statistics are global, not per shard); with
+  # binarized weights a reordered float sum can flip a near-zero sign, so LAB drifts a little.
+  np.testing.assert_allclose(curves[8][1], curves[1][1], rtol=1e-3)
+  np.testing.assert_allclose(curves[8][0], curves[1][0], rtol=3e-2)
+  status = subprocess.run(
+    [*base, "--devices", "8", "--batch-size", "60"], env=env, capture_output=True, text=True
+  )
+  assert status.returncode == 2 and "divisible by the 8 devices" in status.stderr
