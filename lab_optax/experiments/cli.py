@@ -279,6 +279,7 @@ def _write_atomic(path: Path, write) -> None:
 def plot_curves(records: Sequence[dict[str, Any]], metric: str, path: Path, title: str) -> None:
   """Validation curves per method (mean over seeds) as a PNG."""
   import matplotlib
+  import matplotlib.ticker
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -289,6 +290,7 @@ def plot_curves(records: Sequence[dict[str, Any]], metric: str, path: Path, titl
     length = min(len(r["val_curve"]) for r in runs)
     curve = np.mean([r["val_curve"][:length] for r in runs], axis=0)
     ax.plot(np.arange(1, length + 1), curve, marker="o", markersize=3, label=runs[0]["label"])
+  ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
   ax.set_xlabel("epoch")
   ax.set_ylabel("validation error (%)" if metric == "test_error" else "validation nats/char")
   ax.set_title(title)
@@ -355,7 +357,7 @@ def _run(args: argparse.Namespace) -> int:
   metric = task.metric
   results = {"config": config, "results": records}
   _write_atomic(out / "results.json", lambda f: f.write(json.dumps(results, indent=2).encode()))
-  title = f"lab-optax {args.experiment} ({config.get('dataset', 'text')})"
+  title = f"lab-optax {args.experiment} on {config.get('dataset') or config['text']}"
   plot_curves(records, metric, out / "validation_curves.png", title)
   print(summarize(records, metric, paper))
   print(f"results: {out / 'results.json'}, plot: {out / 'validation_curves.png'}")
