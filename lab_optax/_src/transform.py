@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import optax
 from jax.experimental.shard_alike import shard_alike
 
+from lab_optax._src import fused, projections
 from lab_optax._src import masks as masks_lib
-from lab_optax._src import projections
 
 NO_PARAMS_MSG = (
   "lab_optax transformations need the current params: call "
@@ -42,6 +42,9 @@ class ProjectedAdamState(NamedTuple):
   nu: optax.Updates  # Second moment, like params; masked for non-float leaves.
   latent: optax.Params  # Full-precision latent weights of binarized leaves (latent_dtype).
   alpha: optax.Params  # float32 scale of binarized leaves: shape (), or (out,) per channel.
+
+
+_IMPLEMENTATIONS = (None, "reference", "blocked")
 
 
 def _check_hyperparams(b1: Any, b2: Any, eps: Any, clip: Any) -> None:
@@ -101,6 +104,7 @@ def projected_adam(
   mu_dtype: Any | None = None,
   latent_dtype: Any | None = None,
   initial_scale_fn: projections.ScaleFn | None = None,
+  implementation: str | None = None,
 ) -> optax.GradientTransformation:
   r"""Adam on full-precision latent weights, projected onto the binary set.
 
@@ -148,11 +152,21 @@ def projected_adam(
     initial_scale_fn: scale of the first projection (``t = 1``, before any
       gradient, see :func:`binarize_params`); ``None`` uses ``scale_fn`` with
       constant ``d``.
+    implementation: how binarized leaves are updated; the results agree up to
+      the order of the additions in ``alpha``'s sums. ``"reference"``: the
+      update equations as elementwise ``jnp`` code. ``"blocked"``: a loop over
+      row blocks that updates the state in place, for the three built-in
+      scale functions and float32 state (other leaves get the reference); it
+      avoids the full-size temporaries that XLA:CPU gives the reference.
+      ``None``: blocked for leaves of at least ``2**12`` elements when XLA
+      compiles for CPU in a single-device process, the reference otherwise.
 
   Returns:
     An :class:`optax.GradientTransformation` with state :class:`ProjectedAdamState`.
   """
   _check_hyperparams(b1, b2, eps, clip)
+  if implementation not in _IMPLEMENTATIONS:
+    raise ValueError(f"implementation must be one of {_IMPLEMENTATIONS}, got {implementation!r}")
   if initial_scale_fn is None:
     initial_scale_fn = scale_fn
   # With eps = 0 and no gradient yet, d = 0: guard the division (a traced or
@@ -198,32 +212,76 @@ def projected_adam(
     bc1 = 1 - jnp.asarray(b1, jnp.float32) ** count
     bc2 = 1 - jnp.asarray(b2, jnp.float32) ** count
 
-    def leaf(g, p, m, v, w, a_old):
-      if _is_masked(m):  # integer leaf: never touched
-        return jnp.zeros_like(p), m, v, w, a_old
+    def adam(g, m, v):
       g32 = _f32(jnp.asarray(g))
       m32 = b1 * _f32(m) + (1 - b1) * g32
       v32 = b2 * _f32(v) + (1 - b2) * g32 * g32
       d = jnp.sqrt(v32 / bc2) + eps
       step = (m32 / bc1) / (jnp.where(d > 0, d, 1) if guard_zero_d else d)
-      new_m, new_v = m32.astype(m.dtype), v32.astype(v.dtype)
-      if _is_masked(w):  # full-precision leaf: plain Adam
-        return (-lr * step).astype(jnp.result_type(g)), new_m, new_v, w, a_old
+      return m32.astype(m.dtype), v32.astype(v.dtype), d, step
+
+    def reference(g, m, v, w):
+      new_m, new_v, d, step = adam(g, m, v)
       w32 = _f32(w) - lr * step
       if clip is not None:
         w32 = jnp.clip(w32, -clip, clip)
       axis = projections.reduction_axes(w32.ndim, per_channel)
-      a = _flat_alpha(scale_fn(w32, d, axis), per_channel)
-      a = _representable_alpha(a, a_old, p.dtype)
-      new_p = a * projections.binary_sign(w32)
-      u = (new_p - _f32(jnp.asarray(p))).astype(p.dtype)
-      return u, new_m, new_v, w32.astype(w.dtype), a
+      return new_m, new_v, w32, _flat_alpha(scale_fn(w32, d, axis), per_channel)
+
+    def blocks(m, v, w):
+      # Whether the blocked update may apply; see `implementation`.
+      if implementation == "reference" or _is_masked(w) or not fused.supports(scale_fn, m, v, w):
+        return False
+      return implementation == "blocked" or (
+        w.size >= fused.MIN_ELEMENTS and jax.device_count() == 1
+      )
 
     treedef = jax.tree.structure(updates)
     flat = [
       treedef.flatten_up_to(tree)
       for tree in (updates, params, state.mu, state.nu, state.latent, state.alpha)
     ]
+    block = fused.block_elements(sum(map(blocks, flat[2], flat[3], flat[4])))
+
+    def blocked(g, m, v, w):
+      return fused.update_binarized(
+        g,
+        m,
+        v,
+        w,
+        scale_fn=scale_fn,
+        learning_rate=lr,
+        b1=b1,
+        b2=b2,
+        eps=eps,
+        bc1=bc1,
+        bc2=bc2,
+        clip=clip,
+        per_channel=per_channel,
+        guard_zero_d=guard_zero_d,
+        block=block,
+      )
+
+    def binarized(g, m, v, w):
+      if not blocks(m, v, w):
+        return reference(g, m, v, w)
+      if implementation == "blocked":
+        return blocked(g, m, v, w)
+      # Chosen when XLA compiles for a platform: only XLA:CPU needs the blocks.
+      return jax.lax.platform_dependent(g, m, v, w, cpu=blocked, default=reference)
+
+    def leaf(g, p, m, v, w, a_old):
+      if _is_masked(m):  # integer leaf: never touched
+        return jnp.zeros_like(p), m, v, w, a_old
+      if _is_masked(w):  # full-precision leaf: plain Adam
+        new_m, new_v, _, step = adam(g, m, v)
+        return (-lr * step).astype(jnp.result_type(g)), new_m, new_v, w, a_old
+      new_m, new_v, w32, a = binarized(g, m, v, w)
+      a = _representable_alpha(a, a_old, p.dtype)
+      new_p = a * projections.binary_sign(w32)
+      u = (new_p - _f32(jnp.asarray(p))).astype(p.dtype)
+      return u, new_m, new_v, w32.astype(w.dtype), a
+
     out = [leaf(*args) for args in zip(*flat)]
     u, mu, nu, latent, alpha = (treedef.unflatten(column) for column in zip(*out))
     return u, ProjectedAdamState(count=count, mu=mu, nu=nu, latent=latent, alpha=alpha)
@@ -243,6 +301,7 @@ def _make_alias(scale_fn, initial_scale_fn, name, formula):
     per_channel: bool = False,
     mu_dtype: Any | None = None,
     latent_dtype: Any | None = None,
+    implementation: str | None = None,
   ) -> optax.GradientTransformation:
     return projected_adam(
       learning_rate,
@@ -256,6 +315,7 @@ def _make_alias(scale_fn, initial_scale_fn, name, formula):
       per_channel=per_channel,
       mu_dtype=mu_dtype,
       latent_dtype=latent_dtype,
+      implementation=implementation,
     )
 
   alias.__name__ = alias.__qualname__ = name
@@ -290,6 +350,8 @@ _ALIAS_DOC = r"""{formula}
     mu_dtype: dtype of the first moment (``None``: the params' dtype).
     latent_dtype: dtype of the latent weights (``None``: the params' dtype,
       promoted to at least float32).
+    implementation: ``"reference"``, ``"blocked"`` or ``None`` (automatic);
+      see :func:`lab_optax.projected_adam`.
 
   Returns:
     An :class:`optax.GradientTransformation` whose state is a

@@ -1,0 +1,273 @@
+"""Speed and state memory of lab_optax's optimizers against optax.adam.
+
+Run from the repository root::
+
+  python benchmarks/bench_optimizer.py [--json results.json] [--runs 50] [--part a|b|all]
+
+Part (a) times one optimizer step, ``tx.update`` followed by
+``optax.apply_updates``, jitted with the params and the optimizer state donated,
+on a tree of 5 dense layers (1000 x 2000 float32 kernels with biases, 10.01M
+parameters). ``lab_optax.lab`` (with the automatic choice of implementation,
+and with ``implementation="reference"``), its ``mu_dtype`` / ``latent_dtype``
+options, ``bwn`` and ``binary_connect`` are held against ``optax.adam``: all
+compiled first, then called in turn, call by call, ``--runs`` times; each
+figure is the median. It also reports the bytes of the optimizer state's leaves
+and the bytes of temporaries XLA allocates per call.
+
+Part (b) times a full training step of the paper's MNIST MLP
+(784-2048-2048-2048-10, batch norm after every layer, batch 100): the jitted
+``_train_step`` of ``lab_optax.experiments.train`` on the pure state of
+``(model, optimizer)``, for the LAB model against the full-precision model
+trained with Adam, interleaved the same way. A third model, LAB with kernels
+that the layers do not pass through ``binarize_ste`` (the optimizer already
+keeps them binary, so the forward pass computes the same), measures what the
+forward pass's binarization check costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+import lab_optax
+from lab_optax.experiments.models import METHODS, MLP, squared_hinge
+from lab_optax.experiments.train import _train_step
+from lab_optax.nnx import binarize_model, binary_mask
+
+
+def cpu_name() -> str:
+  try:
+    out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    for line in out.splitlines():
+      if line.startswith("Model name"):
+        return line.split(":", 1)[1].strip()
+  except (OSError, subprocess.CalledProcessError):
+    pass
+  return platform.processor() or "unknown"
+
+
+def interleaved_medians(calls: dict[str, Callable[[], None]], runs: int) -> dict[str, float]:
+  """Median seconds per call; the calls take turns so that load changes hit all alike."""
+  times = {name: [] for name in calls}
+  for _ in range(runs):
+    for name, call in calls.items():
+      start = time.perf_counter()
+      call()
+      times[name].append(time.perf_counter() - start)
+  return {name: statistics.median(t) for name, t in times.items()}
+
+
+def state_bytes(state) -> int:
+  return sum(x.nbytes for x in jax.tree.leaves(state))
+
+
+# ---------------------------------------------------------------------------
+# Part (a): one optimizer step on 10M parameters.
+
+LAYERS, FAN_IN, FAN_OUT = 5, 1000, 2000
+
+
+def dense_tree(key: jax.Array) -> dict:
+  params = {}
+  for i in range(LAYERS):
+    key, sub = jax.random.split(key)
+    limit = np.sqrt(1.5 / (FAN_IN + FAN_OUT))
+    params[f"dense{i}"] = {
+      "kernel": jax.random.uniform(sub, (FAN_IN, FAN_OUT), minval=-limit, maxval=limit),
+      "bias": jnp.zeros(FAN_OUT),
+    }
+  return params
+
+
+OPTIMIZERS: dict[str, Callable[[], optax.GradientTransformation]] = {
+  "optax.adam": lambda: optax.adam(1e-3),
+  "lab": lambda: lab_optax.lab(1e-3),
+  "lab, implementation='reference'": lambda: lab_optax.lab(1e-3, implementation="reference"),
+  "lab, mu_dtype=bfloat16": lambda: lab_optax.lab(1e-3, mu_dtype=jnp.bfloat16),
+  "lab, latent_dtype=bfloat16": lambda: lab_optax.lab(1e-3, latent_dtype=jnp.bfloat16),
+  "lab, both bfloat16": lambda: lab_optax.lab(
+    1e-3, mu_dtype=jnp.bfloat16, latent_dtype=jnp.bfloat16
+  ),
+  "bwn": lambda: lab_optax.bwn(1e-3),
+  "binary_connect": lambda: lab_optax.binary_connect(1e-3),
+}
+
+
+def optimizer_step(runs: int) -> list[dict]:
+  params0 = dense_tree(jax.random.key(0))
+  grads = jax.tree.map(
+    lambda p: 1e-3 * jax.random.normal(jax.random.key(1), p.shape, p.dtype), params0
+  )
+  calls, rows = {}, {}
+  for name, make in OPTIMIZERS.items():
+    tx = make()
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def step(params, opt_state, grads, tx=tx):
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state
+
+    params = jax.tree.map(jnp.copy, params0)
+    opt_state = tx.init(params)
+    if name != "optax.adam":
+      params = lab_optax.binarize_params(params, opt_state)
+    compiled = step.lower(params, opt_state, grads).compile()
+    rows[name] = {
+      "optimizer": name,
+      "state_bytes": state_bytes(opt_state),
+      "temp_bytes": compiled.memory_analysis().temp_size_in_bytes,
+    }
+    box = [params, opt_state]
+
+    def call(step=step, box=box):
+      box[0], box[1] = step(box[0], box[1], grads)
+      jax.block_until_ready(box)
+
+    for _ in range(3):  # compile and settle
+      call()
+    calls[name] = call
+  medians = interleaved_medians(calls, runs)
+  adam = rows["optax.adam"]
+  for name, row in rows.items():
+    row["ms"] = 1e3 * medians[name]
+    row["time_vs_adam"] = medians[name] / medians["optax.adam"]
+    row["state_vs_adam"] = row["state_bytes"] / adam["state_bytes"]
+  return list(rows.values())
+
+
+# ---------------------------------------------------------------------------
+# Part (b): a training step of the paper's MNIST MLP.
+
+BATCH = 100
+
+
+def loss_fn(outputs, batch):
+  return squared_hinge(outputs, batch[1])
+
+
+def mlp_state(method_name: str, binarize_kernel: bool = True, **options):
+  """``(graphdef, state)`` of ``(model, optimizer)`` as ``train.run`` builds them.
+
+  ``options`` go to the lab_optax optimizer (``implementation=...``).
+  """
+  method = METHODS[method_name]
+  model = MLP(784, 10, method=method, rngs=nnx.Rngs(0))
+  mask_model = model
+  if not binarize_kernel:
+    # Plain layers; the optimizer's mask comes from the binary model, whose
+    # params have the same paths, so the same kernels are binarized.
+    plain = dataclasses.replace(method, binary_weights=False)
+    model = MLP(784, 10, method=plain, rngs=nnx.Rngs(0))
+  lr = 0.01
+  if method.optimizer is None:
+    tx = optax.adam(lr)
+  else:
+    tx = method.optimizer(lr, mask=binary_mask(mask_model), **options)
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  if method.optimizer is not None:
+    binarize_model(model, optimizer)
+  model.train()
+  return nnx.split((model, optimizer))
+
+
+def training_step(runs: int) -> list[dict]:
+  rng = np.random.default_rng(0)
+  batch = (
+    jnp.asarray(rng.uniform(size=(BATCH, 28, 28, 1)), jnp.float32),
+    jnp.asarray(rng.integers(0, 10, size=BATCH), jnp.int32),
+  )
+  models = {
+    "FP (optax.adam)": mlp_state("fp"),
+    "LAB": mlp_state("lab"),
+    "LAB without binarize_ste": mlp_state("lab", binarize_kernel=False),
+    "LAB, implementation='reference'": mlp_state("lab", implementation="reference"),
+  }
+  calls = {}
+  for name, (graphdef, state) in models.items():
+    box = [state]
+
+    def call(graphdef=graphdef, box=box):
+      box[0], loss = _train_step(graphdef, loss_fn, box[0], batch)
+      jax.block_until_ready((box[0], loss))
+
+    for _ in range(3):
+      call()
+    calls[name] = call
+  medians = interleaved_medians(calls, runs)
+  fp = medians["FP (optax.adam)"]
+  return [
+    {"model": name, "ms": 1e3 * t, "steps_per_s": 1 / t, "speed_vs_fp": fp / t}
+    for name, t in medians.items()
+  ]
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--json", help="also write the results to this file")
+  parser.add_argument("--runs", type=int, default=50, help="timed calls per candidate")
+  parser.add_argument("--part", choices=("a", "b", "all"), default="all")
+  args = parser.parse_args()
+
+  load_before = os.getloadavg()
+  out = {
+    "machine": {
+      "cpu": cpu_name(),
+      "cores": os.cpu_count(),
+      "devices": [str(d) for d in jax.devices()],
+      "jax": jax.__version__,
+      "optax": optax.__version__,
+    },
+    "runs": args.runs,
+  }
+  print(f"{out['machine']['cpu']}, {os.cpu_count()} cores, JAX {jax.__version__}")
+  print(f"load average before: {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}")
+
+  if args.part in ("a", "all"):
+    rows = optimizer_step(args.runs)
+    out["optimizer_step"] = rows
+    print(f"\n(a) update + apply_updates, {LAYERS} x ({FAN_IN} x {FAN_OUT} kernel + bias) float32,")
+    print(f"    jitted and donated, median of {args.runs} interleaved calls")
+    print(
+      f"{'optimizer':34s} {'ms':>8s} {'vs adam':>8s} {'state MB':>9s} {'vs adam':>8s} {'temp MB':>8s}"
+    )
+    for r in rows:
+      print(
+        f"{r['optimizer']:34s} {r['ms']:8.2f} {r['time_vs_adam']:7.2f}x "
+        f"{r['state_bytes'] / 1e6:9.1f} {r['state_vs_adam']:7.2f}x {r['temp_bytes'] / 1e6:8.1f}"
+      )
+
+  if args.part in ("b", "all"):
+    rows = training_step(args.runs)
+    out["training_step"] = rows
+    print(
+      f"\n(b) MNIST MLP 784-2048x3-10 with batch norm, batch {BATCH}: jitted, donated train step"
+    )
+    print(f"    median of {args.runs} interleaved steps")
+    print(f"{'model':34s} {'ms':>8s} {'steps/s':>8s} {'vs FP':>7s}")
+    for r in rows:
+      print(f"{r['model']:34s} {r['ms']:8.2f} {r['steps_per_s']:8.1f} {r['speed_vs_fp']:6.2f}x")
+
+  load_after = os.getloadavg()
+  out["load_average"] = {"before": load_before, "after": load_after}
+  print(f"\nload average after: {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}")
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(out, f, indent=2)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,201 @@
+"""Row-blocked update of a binarized leaf: the reference step without full-size temporaries.
+
+:func:`lab_optax.projected_adam` updates a binarized leaf with a few lines of
+``jnp`` in ``transform.py``: Adam's moments, the latent weights, ``d``, the
+sums behind ``alpha`` and the projection. Those lines are the reference. On GPU
+and TPU, XLA fuses them into loops with several outputs, and the reference
+reads and writes each array about once. XLA:CPU gives every fused loop one
+output and computes a ``sqrt`` or a divide that two loops need only once, into
+memory; it also recomputes the cheap clip in every loop that reads the new
+latent weights, so the old ones must outlive the update. The reference then
+keeps ``d`` and the Adam step in temporaries the size of the leaf and copies
+the latent weights, and temporaries of more than about 32 MB are fresh,
+page-faulting memory on every call: a 10M-weight step took six to eight times
+as long as Adam's.
+
+Here a ``fori_loop`` walks the rows of the leaf. Each block's moments and
+latent weights are written in place with ``dynamic_update_slice`` and read back
+from the state (see ``update_rows``), and the terms of ``alpha``'s sums are
+added into block-sized accumulators that are reduced once after the loop.
+Temporaries are a few blocks in size. The price: XLA:CPU runs an in-place
+``dynamic_update_slice`` on one thread, so the moments and latent weights are
+updated by one core where Adam's loops use all of them.
+
+Only float32 state qualifies, since the new moments and latent weights are read
+back from it. The results are the reference's up to the order of the additions
+in the sums.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from lab_optax._src import projections
+
+# Largest row block, in elements (512 KiB of float32): the fastest of 2**12 to
+# 2**20 on 1000 x 2000 and 2048 x 2048 leaves (docs/results.md). Smaller blocks
+# pay more per iteration; larger ones fall out of the cache between XLA:CPU's
+# loops and need more temporaries.
+BLOCK_ELEMENTS = 1 << 17
+# XLA:CPU does not share the blocks' temporaries between leaves, and more than
+# about 32 MB of temporaries page-faults on every call: with many binarized
+# leaves the blocks shrink to keep all of them within this budget.
+TEMP_BYTES = 16 << 20
+# With the automatic choice, smaller leaves keep the reference update.
+MIN_ELEMENTS = 1 << 12
+
+# Scale functions whose alpha is a ratio of sums over the leaf, and the sums
+# each needs: of d, of d * |w| and of |w|. Other scale functions, which this
+# module cannot split into blocks, get the reference update.
+_SUMS = {
+  projections.lab_scale: ("d", "dw"),
+  projections.bwn_scale: ("w",),
+  projections.binary_connect_scale: (),
+}
+
+
+def supports(scale_fn, m: jax.Array, v: jax.Array, w: jax.Array) -> bool:
+  """Whether :func:`update_binarized` gives the reference step for a leaf.
+
+  Args:
+    scale_fn: the transformation's scale function.
+    m: the leaf's first moment.
+    v: its second moment.
+    w: its latent weights.
+
+  Returns:
+    ``True`` for :func:`~lab_optax.projections.lab_scale`,
+    :func:`~lab_optax.projections.bwn_scale` and
+    :func:`~lab_optax.projections.binary_connect_scale`, float32 moments and
+    latent weights, at least two rows (all axes but the last) and rows of at
+    most :data:`BLOCK_ELEMENTS` elements.
+  """
+  if scale_fn not in _SUMS or w.ndim < 2 or w.size == 0:
+    return False
+  if any(x.dtype != jnp.float32 for x in (m, v, w)):
+    return False
+  cols = w.shape[-1]
+  return w.size // cols >= 2 and cols <= BLOCK_ELEMENTS
+
+
+def block_elements(leaves: int) -> int:
+  """Elements per row block when ``leaves`` binarized leaves are updated by blocks."""
+  # Per leaf: the block of d and at most three accumulators, float32.
+  return max(1, min(BLOCK_ELEMENTS, TEMP_BYTES // (16 * max(leaves, 1))))
+
+
+def update_binarized(
+  g: jax.Array,
+  m: jax.Array,
+  v: jax.Array,
+  w: jax.Array,
+  *,
+  scale_fn,
+  learning_rate: jax.typing.ArrayLike,
+  b1: jax.typing.ArrayLike,
+  b2: jax.typing.ArrayLike,
+  eps: jax.typing.ArrayLike,
+  bc1: jax.Array,
+  bc2: jax.Array,
+  clip: jax.typing.ArrayLike | None,
+  per_channel: bool,
+  guard_zero_d: bool,
+  block: int = BLOCK_ELEMENTS,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """Adam, the clip and ``alpha``'s sums for one binarized leaf, by row blocks.
+
+  The arithmetic is the reference's (``projected_adam`` in ``transform.py``);
+  only the order of the additions in the sums differs. For leaves that
+  :func:`supports` accepts.
+
+  Args:
+    g: the gradient, in any floating dtype.
+    m: the first moment (float32).
+    v: the second moment (float32).
+    w: the latent weights (float32).
+    scale_fn: :func:`~lab_optax.projections.lab_scale`,
+      :func:`~lab_optax.projections.bwn_scale` or
+      :func:`~lab_optax.projections.binary_connect_scale`.
+    learning_rate: the step's learning rate.
+    b1: decay rate of the first moment.
+    b2: decay rate of the second moment.
+    eps: added to ``sqrt(v_hat)``.
+    bc1: ``1 - b1 ** t``.
+    bc2: ``1 - b2 ** t``.
+    clip: bound of the latent weights, or ``None``.
+    per_channel: one alpha per slice along the last axis.
+    guard_zero_d: ``d`` may be zero (``eps`` is zero or traced).
+    block: elements per row block, at most; see :func:`block_elements`.
+
+  Returns:
+    ``(m, v, w, alpha)``: the leaf's new state and its unrounded alpha,
+    float32 of shape ``()`` (``(out,)`` per channel).
+  """
+  shape = w.shape
+  cols = shape[-1]
+  rows = w.size // cols
+  g, m, v, w = (x.reshape(rows, cols) for x in (g, m, v, w))
+  # Without eps, sum(d) can be zero and alpha falls back to mean(|w|), as in lab_scale.
+  names = _SUMS[scale_fn] + (("w",) if scale_fn is projections.lab_scale and guard_zero_d else ())
+
+  def update_rows(start, size, m, v, w):
+    """Updates rows ``start:start + size``; returns the state and the rows' terms of the sums."""
+
+    def rows_of(x):
+      return lax.dynamic_slice_in_dim(x, start, size)
+
+    def write(x, block):
+      return lax.dynamic_update_slice_in_dim(x, block, start, 0)
+
+    g32 = rows_of(g).astype(jnp.float32)
+    m = write(m, b1 * rows_of(m) + (1 - b1) * g32)
+    v = write(v, b2 * rows_of(v) + (1 - b2) * g32 * g32)
+    # The new moments and latent weights are read back from the state instead
+    # of reused: XLA:CPU would recompute them from the old rows in each later
+    # loop, so the old rows would have to outlive the in-place write, and it
+    # would copy the whole state on every iteration to keep them.
+    d = jnp.sqrt(rows_of(v) / bc2) + eps
+    step = (rows_of(m) / bc1) / (jnp.where(d > 0, d, 1) if guard_zero_d else d)
+    new_w = rows_of(w) - learning_rate * step
+    if clip is not None:
+      new_w = jnp.clip(new_w, -clip, clip)
+    w = write(w, new_w)
+    if not names:  # BinaryConnect: alpha = 1
+      return m, v, w, jnp.zeros((0, size, cols), jnp.float32)
+    abs_w = jnp.abs(rows_of(w))
+    terms = {"d": lambda: d, "dw": lambda: d * abs_w, "w": lambda: abs_w}
+    return m, v, w, jnp.stack([terms[name]() for name in names])
+
+  # At least two blocks: XLA inlines a loop of one iteration, and then no longer
+  # updates the state in place.
+  block_rows = max(1, min(block // cols, rows // 2))
+  count, tail = divmod(rows, block_rows)
+
+  # The terms are added up elementwise and reduced once after the loop: a
+  # reduction in the loop costs a dispatch to the thread pool per block.
+  def body(i, carry):
+    m, v, w, acc = carry
+    m, v, w, terms = update_rows(i * block_rows, block_rows, m, v, w)
+    return m, v, w, acc + terms
+
+  acc = jnp.zeros((len(names), block_rows, cols), jnp.float32)
+  m, v, w, acc = lax.fori_loop(0, count, body, (m, v, w, acc))
+  sums = jnp.sum(acc, axis=1)
+  if tail:
+    m, v, w, terms = update_rows(count * block_rows, tail, m, v, w)
+    sums = sums + jnp.sum(terms, axis=1)
+  sums = dict(zip(names, sums if per_channel else jnp.sum(sums, axis=1)))
+
+  n = rows if per_channel else rows * cols
+  if scale_fn is projections.binary_connect_scale:
+    alpha = jnp.ones((cols,) if per_channel else (), jnp.float32)
+  elif scale_fn is projections.bwn_scale:
+    alpha = sums["w"] / n
+  else:
+    positive = sums["d"] > 0
+    alpha = sums["dw"] / jnp.where(positive, sums["d"], 1)
+    if guard_zero_d:
+      alpha = jnp.where(positive, alpha, sums["w"] / n)
+  return m.reshape(shape), v.reshape(shape), w.reshape(shape), alpha

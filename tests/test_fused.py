@@ -1,0 +1,341 @@
+"""The blocked update (``implementation="blocked"``, fused.py) held against the reference.
+
+Gradients are drawn once per step and do not depend on the params, so both
+runs see the same gradients: the moments and latent weights must agree to the
+last bits over many steps, and alpha to the rounding of its sums.
+"""
+
+import functools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from numpy_reference import sign0
+
+import lab_optax
+from lab_optax._src import fused
+
+METHODS = {"lab": lab_optax.lab, "bwn": lab_optax.bwn, "binary_connect": lab_optax.binary_connect}
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+  # Blocks of a few rows: the loops run many iterations and most leaves end in
+  # a partial block.
+  monkeypatch.setattr(fused, "BLOCK_ELEMENTS", 64)
+
+
+def make_params(shapes, dtype=jnp.float32, seed=0):
+  keys = jax.random.split(jax.random.key(seed), len(shapes))
+  return {
+    name: jax.random.uniform(key, shape, jnp.float32, -0.5, 0.5).astype(dtype)
+    for key, (name, shape) in zip(keys, shapes.items())
+  }
+
+
+def gradient_sequence(params, steps, seed=1, zero_steps=0):
+  """Fixed gradients; the first ``zero_steps`` are exactly zero."""
+  out = []
+  for i in range(steps):
+    keys = dict(zip(params, jax.random.split(jax.random.key(seed + i), len(params))))
+    scale = 0.0 if i < zero_steps else 1.0
+    out.append(
+      {k: (scale * jax.random.normal(keys[k], p.shape)).astype(p.dtype) for k, p in params.items()}
+    )
+  return out
+
+
+def run(tx, params, grads):
+  """Jitted, donated steps; returns the history of (params, state) as numpy."""
+  params = jax.tree.map(jnp.copy, params)  # donated below
+  state = tx.init(params)
+  params = lab_optax.binarize_params(params, state)
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  def step(params, state, g):
+    updates, state = tx.update(g, state, params)
+    return optax.apply_updates(params, updates), state
+
+  history = []
+  for g in grads:
+    params, state = step(params, state, g)
+    history.append(jax.tree.map(np.asarray, (params, state)))
+  return history
+
+
+def assert_two_values(params, state):
+  """Every binarized leaf holds exactly alpha * sign(latent), alpha being the state's."""
+  latent, alphas = optax.tree.get(state, "latent"), optax.tree.get(state, "alpha")
+  for name, w in latent.items():
+    if isinstance(w, optax.MaskedNode):
+      continue
+    p = np.asarray(params[name])
+    expected = (np.asarray(alphas[name]) * sign0(np.asarray(w, np.float32))).astype(p.dtype)
+    np.testing.assert_array_equal(p, expected)
+
+
+def assert_runs_agree(blocked, reference, alpha_rtol=1e-5):
+  for (p, s), (p_ref, s_ref) in zip(blocked, reference):
+    assert_two_values(p, s)
+    for field in ("mu", "nu", "latent"):
+      chex.assert_trees_all_close(
+        optax.tree.get(s, field), optax.tree.get(s_ref, field), rtol=1e-6, atol=1e-7
+      )
+    chex.assert_trees_all_close(
+      optax.tree.get(s, "alpha"), optax.tree.get(s_ref, "alpha"), rtol=alpha_rtol
+    )
+    chex.assert_trees_all_close(p, p_ref, rtol=alpha_rtol, atol=1e-7)
+
+
+def compare(make_tx, params, grads, alpha_rtol=1e-5):
+  blocked = run(make_tx(implementation="blocked"), params, grads)
+  reference = run(make_tx(implementation="reference"), params, grads)
+  assert_runs_agree(blocked, reference, alpha_rtol)
+  return blocked, reference
+
+
+def while_loops(tx, params):
+  """The number of while loops in the compiled step: one per leaf updated by blocks."""
+  state = tx.init(params)
+  step = jax.jit(lambda p, s: tx.update(p, s, p))
+  return step.lower(params, state).compile().as_text().count(" while(")
+
+
+SHAPES = {
+  "dense": (37, 23),  # 37 rows: partial last block
+  "conv": (3, 3, 5, 7),
+  "tall": (130, 2),
+  "two_rows": (2, 9),
+  "bias": (23,),
+}
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_matches_reference_over_many_steps(method, per_channel, small_blocks):
+  params = make_params(SHAPES)
+  grads = gradient_sequence(params, 40)
+  make_tx = functools.partial(METHODS[method], 0.05, per_channel=per_channel)
+  blocked, _ = compare(make_tx, params, grads)
+  # The latent weights hit the clip and alpha moved: the test covers both.
+  latent = blocked[-1][1].latent
+  assert any(np.any(np.abs(latent[k]) == 1.0) for k in ("dense", "conv", "tall", "two_rows"))
+  if method != "binary_connect":
+    assert not np.allclose(blocked[-1][1].alpha["dense"], blocked[0][1].alpha["dense"])
+  assert while_loops(make_tx(implementation="blocked"), params) == 4
+  assert while_loops(make_tx(implementation="reference"), params) == 0
+
+
+def test_full_size_blocks_and_default_block_size():
+  params = make_params({"a": (300, 200), "b": (64, 1000)})
+  compare(functools.partial(lab_optax.lab, 0.02), params, gradient_sequence(params, 10))
+
+
+def test_eps_zero_with_zero_gradients_falls_back_to_mean_abs(small_blocks):
+  params = make_params(SHAPES)
+  grads = gradient_sequence(params, 8, zero_steps=3)
+  for per_channel in (False, True):
+    make_tx = functools.partial(lab_optax.lab, 0.05, eps=0.0, per_channel=per_channel)
+    blocked, _ = compare(make_tx, params, grads)
+    for p, s in blocked:
+      assert all(np.isfinite(x).all() for x in jax.tree.leaves((p, s)))
+    # After zero gradients d = 0 everywhere: alpha = mean(|w|) of the unchanged latent.
+    p, s = blocked[0]
+    mean_abs = np.mean(np.abs(s.latent["dense"]), axis=0 if per_channel else None)
+    np.testing.assert_allclose(np.squeeze(s.alpha["dense"]), mean_abs, rtol=1e-6)
+
+
+def test_clip_none_and_traced_hyperparameters(small_blocks):
+  params = make_params(SHAPES)
+  grads = gradient_sequence(params, 20)
+  compare(functools.partial(lab_optax.lab, 0.2, clip=None), params, grads)
+  # Injected hyperparameters are traced: eps may be zero, so the blocked update
+  # also sums |w| for the fallback of lab_scale.
+  injected = optax.inject_hyperparams(lab_optax.lab)
+  compare(functools.partial(injected, 0.05, eps=1e-8), params, grads)
+
+
+def test_bfloat16_and_narrow_state_use_the_reference():
+  # Bfloat16 params have bfloat16 moments: the blocked update, which reads the
+  # new moments back from the state, declines them. A float32 leaf in the same
+  # tree still gets it.
+  params = make_params({"f32": (64, 32)})
+  params["bf16"] = make_params({"bf16": (64, 32)}, jnp.bfloat16)["bf16"]
+  grads = gradient_sequence(params, 15)
+  blocked = run(lab_optax.lab(0.05, implementation="blocked"), params, grads)
+  reference = run(lab_optax.lab(0.05, implementation="reference"), params, grads)
+  for (p, s), (p_ref, s_ref) in zip(blocked, reference):
+    assert_two_values(p, s)
+    assert p["bf16"].dtype == jnp.bfloat16
+    chex.assert_trees_all_equal(p["bf16"], p_ref["bf16"])
+    chex.assert_trees_all_equal(s.latent["bf16"], s_ref.latent["bf16"])
+  assert while_loops(lab_optax.lab(0.05, implementation="blocked"), params) == 1
+  for options in ({"mu_dtype": jnp.bfloat16}, {"latent_dtype": jnp.bfloat16}):
+    tx = lab_optax.lab(0.05, implementation="blocked", **options)
+    assert while_loops(tx, make_params({"w": (64, 32)})) == 0
+
+
+def test_empty_one_row_and_custom_scale_leaves_use_the_reference():
+  params = {"empty": jnp.zeros((0, 5)), "row": jnp.linspace(-1.0, 1.0, 12).reshape(1, 12)}
+  mask = {"empty": True, "row": True}
+  grads = gradient_sequence(params, 5)
+  compare(functools.partial(lab_optax.lab, 0.05, mask=mask), params, grads)
+  assert while_loops(lab_optax.lab(0.05, implementation="blocked"), params) == 0
+
+  def mean_square(w, d, axis):  # a scale function fused.py does not know
+    return jnp.sqrt(jnp.mean(jnp.square(w), axis=axis, keepdims=True))
+
+  tx = lab_optax.projected_adam(0.05, scale_fn=mean_square, implementation="blocked")
+  assert while_loops(tx, make_params({"w": (64, 32)})) == 0
+
+
+def test_automatic_choice():
+  big, small = make_params({"w": (256, 64)}), make_params({"w": (16, 16)})
+  assert big["w"].size >= fused.MIN_ELEMENTS > small["w"].size
+  assert jax.default_backend() == "cpu" and jax.device_count() == 1
+  assert while_loops(lab_optax.lab(0.1), big) == 1
+  assert while_loops(lab_optax.lab(0.1), small) == 0
+  assert while_loops(lab_optax.lab(0.1, implementation="reference"), big) == 0
+  for per_channel in (False, True):
+    make_tx = functools.partial(lab_optax.lab, 0.05, per_channel=per_channel)
+    compare(make_tx, big, gradient_sequence(big, 5))
+  with pytest.raises(ValueError, match="implementation"):
+    lab_optax.lab(0.1, implementation="fast")
+
+
+def test_blocks_shrink_with_many_leaves():
+  assert fused.block_elements(1) == fused.BLOCK_ELEMENTS
+  assert fused.block_elements(1000) * 16 * 1000 <= fused.TEMP_BYTES
+  assert fused.block_elements(10**9) == 1
+
+
+def test_state_updated_in_place_with_small_temporaries():
+  # What the blocked update is for: on XLA:CPU no copy of a leaf and
+  # temporaries within the budget, smaller than one leaf (the reference needs
+  # several leaves' worth).
+  shape = (2048, 1024)
+  params = {f"w{i}": jnp.zeros(shape) for i in range(3)}
+  for method in METHODS.values():
+    tx = method(0.1, eps=0.0, implementation="blocked")
+    state = tx.init(params)
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def step(params, state, g, tx=tx):
+      updates, state = tx.update(g, state, params)
+      return optax.apply_updates(params, updates), state
+
+    compiled = step.lower(params, state, params).compile()
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    assert temp <= fused.TEMP_BYTES and temp < params["w0"].nbytes
+    assert "f32[2048,1024]{1,0} copy(" not in compiled.as_text()
+
+
+def loss_fn(params, x):
+  h = jnp.tanh(x @ params["dense"])
+  return jnp.mean((h @ params["out"] - 0.5) ** 2) + 1e-3 * jnp.sum(params["bias"] ** 2)
+
+
+def train(tx, steps=8, grad_transform=lambda g, i: g):
+  """Gradients of a loss at the current params, as in training."""
+  params = make_params({"dense": (40, 24), "out": (24, 3), "bias": (3,)})
+  state = tx.init(params)
+  params = lab_optax.binarize_params(params, state)
+  x = jax.random.normal(jax.random.key(5), (16, 40))
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  def step(params, state, i):
+    g = grad_transform(jax.grad(loss_fn)(params, x), i)
+    updates, state = tx.update(g, state, params)
+    return optax.apply_updates(params, updates), state
+
+  history = []
+  for i in range(steps):
+    params, state = step(params, state, i)
+    history.append(jax.tree.map(np.asarray, (params, state)))
+  return history
+
+
+def poison(g, i):
+  """Non-finite gradients every third step."""
+  return {**g, "dense": g["dense"] + jnp.where(i % 3 == 2, jnp.nan, 0.0)}
+
+
+@pytest.mark.parametrize(
+  "wrap, grad_transform",
+  [
+    (lambda make: optax.chain(optax.clip_by_global_norm(1e-2), make(0.05)), None),
+    (lambda make: optax.inject_hyperparams(make)(learning_rate=0.05), None),
+    (lambda make: optax.MultiSteps(make(0.05), every_k_schedule=2), None),
+    (lambda make: optax.apply_if_finite(make(0.05), 10), poison),
+  ],
+  ids=["chain", "inject_hyperparams", "multi_steps", "apply_if_finite"],
+)
+def test_compositions(wrap, grad_transform, small_blocks):
+  runs = {}
+  for implementation in ("blocked", "reference"):
+    make = functools.partial(lab_optax.lab, implementation=implementation)
+    runs[implementation] = train(wrap(make), grad_transform=grad_transform or (lambda g, i: g))
+  for (p, s), (p_ref, _) in zip(runs["blocked"], runs["reference"]):
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(p))
+    assert_two_values(p, s)
+    # The gradient depends on the params, so alpha's rounding feeds back.
+    chex.assert_trees_all_close(p, p_ref, rtol=1e-5, atol=1e-6)
+
+
+# Sharded: 8 simulated devices in a child process (the device count is fixed
+# once JAX starts), reusing sharding_check.py with the blocked update forced.
+SHARDING_SCRIPT = """
+import functools, json, sys
+import jax
+import lab_optax
+import sharding_check as check
+
+for name, make in list(check.METHODS.items()):
+  check.METHODS[name] = functools.partial(make, implementation="blocked")
+cases = {name: check.case(name) for name in sys.argv[1:]}
+# With several devices the automatic choice keeps the reference update.
+params, _, _ = check.make_problem()
+tx = lab_optax.lab(0.1)
+hlo = jax.jit(lambda p, s: tx.update(p, s, p)).lower(params, tx.init(params)).compile().as_text()
+print(json.dumps({"devices": jax.device_count(), "cases": cases, "auto_while": hlo.count(" while(")}))
+"""
+SHARDED_CASES = (
+  "auto/fully_sharded/lab",
+  "auto/per_channel/lab",
+  "auto/data_parallel/bwn",
+  "explicit/fully_sharded/lab",
+)
+
+
+def test_blocked_update_under_sharding_matches_one_device():
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env["XLA_FLAGS"] = (
+    env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+  ).strip()
+  tests_dir = Path(__file__).parent
+  env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tests_dir), env.get("PYTHONPATH")]))
+  proc = subprocess.run(
+    [sys.executable, "-c", SHARDING_SCRIPT, *SHARDED_CASES],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert out["devices"] == 8
+  assert out["auto_while"] == 0
+  for name in SHARDED_CASES:
+    result = out["cases"][name]
+    assert result["count"] > 1 and result["moved"]
+    assert max(result["errors"].values()) < 2e-4, (name, result["errors"])
+    assert result["sharding_mismatches"] == []
+    assert result["two_values"]
