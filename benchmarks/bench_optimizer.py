@@ -31,9 +31,7 @@ import dataclasses
 import functools
 import json
 import os
-import platform
 import statistics
-import subprocess
 import time
 from collections.abc import Callable
 
@@ -42,22 +40,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from machine import cpu_name
 
 import lab_optax
 from lab_optax.experiments.models import METHODS, MLP, squared_hinge
 from lab_optax.experiments.train import _train_step
 from lab_optax.nnx import binarize_model, binary_mask
-
-
-def cpu_name() -> str:
-  try:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    for line in out.splitlines():
-      if line.startswith("Model name"):
-        return line.split(":", 1)[1].strip()
-  except (OSError, subprocess.CalledProcessError):
-    pass
-  return platform.processor() or "unknown"
 
 
 def interleaved_medians(calls: dict[str, Callable[[], None]], runs: int) -> dict[str, float]:

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from numpy_reference import sign0
+from test_transform import assert_two_values
 
 import lab_optax
 from lab_optax._src import fused
@@ -69,17 +69,6 @@ def run(tx, params, grads):
     params, state = step(params, state, g)
     history.append(jax.tree.map(np.asarray, (params, state)))
   return history
-
-
-def assert_two_values(params, state):
-  """Every binarized leaf holds exactly alpha * sign(latent), alpha being the state's."""
-  latent, alphas = optax.tree.get(state, "latent"), optax.tree.get(state, "alpha")
-  for name, w in latent.items():
-    if isinstance(w, optax.MaskedNode):
-      continue
-    p = np.asarray(params[name])
-    expected = (np.asarray(alphas[name]) * sign0(np.asarray(w, np.float32))).astype(p.dtype)
-    np.testing.assert_array_equal(p, expected)
 
 
 def assert_runs_agree(blocked, reference, alpha_rtol=1e-5):
