@@ -149,3 +149,106 @@ def test_pack_model_refuses_a_kernel_that_is_not_binarized():
   layer = BinaryLinear(4, 3, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="kernel"):
     lab_optax.nnx.pack_model(layer)
+
+
+def trained_norm(features, key, **kwargs):
+  """A batch norm in inference mode with running statistics that are not the defaults."""
+  norm = nnx.BatchNorm(features, use_running_average=True, rngs=nnx.Rngs(0), **kwargs)
+  k1, k2, k3, k4 = jax.random.split(key, 4)
+  norm.mean.set_value(jax.random.normal(k1, (features,)))
+  norm.var.set_value(jax.random.uniform(k2, (features,), minval=0.1, maxval=3.0))
+  if norm.scale is not None:
+    # Negative scales too: the folded layer's signs flip in those channels.
+    norm.scale.set_value(jax.random.normal(k3, (features,)))
+  if norm.bias is not None:
+    norm.bias.set_value(jax.random.normal(k4, (features,)))
+  return norm
+
+
+@pytest.mark.parametrize("use_bias", [False, True])
+@pytest.mark.parametrize("binarize_inputs", [False, True])
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_fold_batch_norm_computes_norm_of_layer(kind, binarize_inputs, use_bias):
+  if kind == "linear":
+    layer = BinaryLinear(
+      40, 6, use_bias=use_bias, binarize_inputs=binarize_inputs, rngs=nnx.Rngs(0)
+    )
+    x = jax.random.normal(jax.random.key(1), (5, 40))
+  else:
+    layer = BinaryConv(
+      3, 6, (3, 3), use_bias=use_bias, binarize_inputs=binarize_inputs, rngs=nnx.Rngs(0)
+    )
+    x = jax.random.normal(jax.random.key(1), (2, 5, 5, 3))
+  if use_bias:
+    layer.bias.set_value(jax.random.normal(jax.random.key(3), (6,)))
+  binarized(layer)
+  norm = trained_norm(6, jax.random.key(2))
+  expected = norm(layer(x))
+  folded = lab_optax.nnx.fold_batch_norm(layer, norm)
+  np.testing.assert_allclose(folded(x), expected, rtol=1e-5, atol=1e-5)
+  # The inputs are unchanged, the folded kernel holds one magnitude per channel.
+  np.testing.assert_array_equal(norm(layer(x)), expected)
+  kernel = np.asarray(folded.kernel.get_value()).reshape(-1, 6)
+  assert isinstance(folded.kernel, lab_optax.nnx.BinaryParam)
+  np.testing.assert_array_equal(np.abs(kernel).max(0), np.abs(kernel).min(0))
+  # Packed: 1 bit per weight and two floats per channel, same outputs.
+  lab_optax.nnx.pack_model(folded)
+  packed = folded.kernel.get_value()
+  assert packed.alpha.shape == (6,)
+  np.testing.assert_allclose(folded(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_fold_batch_norm_binarizes_a_latent_kernel_as_the_forward_pass_does():
+  layer = BinaryLinear(16, 4, use_bias=False, rngs=nnx.Rngs(0))  # kernel not binarized
+  norm = trained_norm(4, jax.random.key(0), use_scale=False, use_bias=False)
+  x = jax.random.normal(jax.random.key(1), (3, 16))
+  folded = lab_optax.nnx.fold_batch_norm(layer, norm)
+  np.testing.assert_allclose(folded(x), norm(layer(x)), rtol=1e-5, atol=1e-5)
+  full = BinaryLinear(16, 4, binarize_kernel=False, rngs=nnx.Rngs(0))
+  np.testing.assert_allclose(
+    lab_optax.nnx.fold_batch_norm(full, norm)(x), norm(full(x)), rtol=1e-5, atol=1e-5
+  )
+
+
+def test_fold_batch_norm_refuses_what_it_cannot_fold():
+  layer = binarized(BinaryLinear(8, 4, rngs=nnx.Rngs(0)))
+  with pytest.raises(TypeError, match="BinaryLinear or BinaryConv"):
+    lab_optax.nnx.fold_batch_norm(
+      nnx.Linear(8, 4, rngs=nnx.Rngs(0)), trained_norm(4, jax.random.key(0))
+    )
+  with pytest.raises(TypeError, match="nnx.BatchNorm"):
+    lab_optax.nnx.fold_batch_norm(layer, nnx.LayerNorm(4, rngs=nnx.Rngs(0)))
+  with pytest.raises(ValueError, match="5 features, the BinaryLinear 4"):
+    lab_optax.nnx.fold_batch_norm(layer, trained_norm(5, jax.random.key(0)))
+  with pytest.raises(ValueError, match="axis 0"):
+    lab_optax.nnx.fold_batch_norm(layer, trained_norm(4, jax.random.key(0), axis=0))
+  lab_optax.nnx.pack_model(layer)
+  with pytest.raises(ValueError, match="packed"):
+    lab_optax.nnx.fold_batch_norm(layer, trained_norm(4, jax.random.key(0)))
+
+
+def test_folded_mlp_packs_to_one_file_and_matches_the_float_model(tmp_path):
+  from lab_optax.experiments.models import METHODS, MLP
+
+  def build(method):
+    return MLP(20, 3, hidden=64, depth=2, method=METHODS[method], rngs=nnx.Rngs(0))
+
+  for method in ("lab", "lab2"):
+    model = binarized(build(method))
+    for i, norm in enumerate(model.norms):
+      trained = trained_norm(norm.num_features, jax.random.key(i))
+      nnx.update(norm, nnx.state(trained))
+    model.eval()
+    x = jax.random.normal(jax.random.key(9), (7, 20))
+    expected = model(x)
+    model.fold_batch_norm()
+    assert list(model.norms) == [None] * 3
+    np.testing.assert_allclose(model(x), expected, rtol=1e-4, atol=1e-4)
+    lab_optax.nnx.pack_model(model)
+    path = tmp_path / f"{method}.npz"
+    lab_optax.save_packed(path, nnx.state(model))
+    fresh = build(method).fold_batch_norm()
+    nnx.update(fresh, lab_optax.load_packed(path))
+    fresh.eval()
+    np.testing.assert_array_equal(fresh(x), model(x))
+    np.testing.assert_allclose(fresh(x), expected, rtol=1e-4, atol=1e-4)

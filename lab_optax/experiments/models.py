@@ -11,7 +11,13 @@ import optax
 from flax import nnx
 
 import lab_optax
-from lab_optax.nnx import BinaryConv, BinaryLinear, BinaryLSTMCell, lstm_kernel_init
+from lab_optax.nnx import (
+  BinaryConv,
+  BinaryLinear,
+  BinaryLSTMCell,
+  fold_batch_norm,
+  lstm_kernel_init,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,10 +101,29 @@ class MLP(nnx.Module):
     x = x.reshape(x.shape[0], -1)
     last = len(self.layers) - 1
     for i, (layer, norm) in enumerate(zip(self.layers, self.norms)):
-      x = norm(layer(x))
+      x = layer(x)
+      if norm is not None:
+        x = norm(x)
       if i < last and not self.binary_activations:
         x = nnx.relu(x)
     return x
+
+  def fold_batch_norm(self) -> MLP:
+    """Folds every batch norm into the layer before it, in place, for inference.
+
+    Each layer becomes ``lab_optax.nnx.fold_batch_norm(layer, norm)`` and each
+    norm ``None``: 1 bit per weight and two floats per unit once packed. Call
+    it on a trained model, before ``lab_optax.nnx.pack_model``; the outputs are
+    those of ``model.eval()`` up to float rounding.
+
+    Returns:
+      The model, for chaining.
+    """
+    for i, (layer, norm) in enumerate(zip(self.layers, self.norms)):
+      if norm is not None:
+        self.layers[i] = fold_batch_norm(layer, norm)
+        self.norms[i] = None
+    return self
 
 
 class VGG(nnx.Module):

@@ -8,7 +8,13 @@ from lab_optax.nnx.layers import (
   lstm_kernel_init,
   paper_kernel_init,
 )
-from lab_optax.nnx.model import binarize_model, binary_mask, pack_model, unpack_model
+from lab_optax.nnx.model import (
+  binarize_model,
+  binary_mask,
+  fold_batch_norm,
+  pack_model,
+  unpack_model,
+)
 from lab_optax.nnx.summary import LayerSummary, ModelSummary, summary
 
 __all__ = (
@@ -20,6 +26,7 @@ __all__ = (
   "ModelSummary",
   "binarize_model",
   "binary_mask",
+  "fold_batch_norm",
   "lstm_kernel_init",
   "pack_model",
   "paper_kernel_init",

@@ -5,11 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from lab_optax._src import packing
+from lab_optax._src.ste import binarize_ste
 from lab_optax._src.transform import binarize_params
-from lab_optax.nnx.layers import BinaryParam
+from lab_optax.nnx.layers import BinaryConv, BinaryLinear, BinaryParam
 
 
 def _is_variable(x: Any) -> bool:
@@ -128,3 +130,101 @@ def unpack_model(model: nnx.Module) -> nnx.Module:
   )
   nnx.update(model, packing.unpack(packed))
   return model
+
+
+def fold_batch_norm(
+  layer: BinaryLinear | BinaryConv, norm: nnx.BatchNorm
+) -> BinaryLinear | BinaryConv:
+  """A copy of ``layer`` that computes ``norm(layer(x))`` for inference, as one layer.
+
+  With its running statistics, a batch norm is one scale and one shift per
+  channel, ``s = scale / sqrt(var + epsilon)`` and
+  ``t = bias - mean * s``. Folded into the layer before it, the kernel
+  ``alpha * sign(w)`` becomes ``(alpha * s) * sign(w)``: still one magnitude
+  per output channel, so still binary, with one alpha per channel (negative
+  ``s`` flips the signs). The layer's bias becomes ``bias * s + t``. The batch
+  norm's four vectors are gone: put the folded layer in the model and take the
+  batch norm out of it (set it to ``None`` and skip it), then
+  :func:`pack_model` stores 1 bit per weight and two floats per channel.
+  This is what inference engines do (Larq Compute Engine folds batch norms into
+  the binary layer's output); it is exact up to float rounding, not bit for
+  bit.
+
+  Args:
+    layer: a :class:`~lab_optax.nnx.BinaryLinear` or
+      :class:`~lab_optax.nnx.BinaryConv`, not packed, whose output feeds
+      ``norm`` directly. A kernel that is not binarized yet is binarized as
+      the forward pass does it (:func:`lab_optax.binarize_ste`); a layer with
+      ``binarize_kernel=False`` is folded in full precision.
+    norm: an ``nnx.BatchNorm`` over the last axis with ``layer``'s number of
+      output features. Its running statistics are used, as in
+      ``model.eval()``.
+
+  Returns:
+    A new layer with a bias (``layer`` and ``norm`` are unchanged).
+
+  Raises:
+    TypeError: if ``layer`` or ``norm`` is of another type.
+    ValueError: if the layer is packed or has a kernel mask, or the norm's
+      axis or number of features does not fit the layer.
+
+  Example usage::
+
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from lab_optax.nnx import BinaryLinear, fold_batch_norm
+    >>> layer = BinaryLinear(64, 4, use_bias=False, rngs=nnx.Rngs(0))
+    >>> norm = nnx.BatchNorm(4, use_running_average=True, rngs=nnx.Rngs(0))
+    >>> norm.mean.set_value(jnp.array([0.1, -0.2, 0.3, 0.0]))
+    >>> folded = fold_batch_norm(layer, norm)
+    >>> x = jnp.ones((2, 64))
+    >>> bool(jnp.allclose(folded(x), norm(layer(x)), atol=1e-5))
+    True
+    >>> folded.kernel.get_value().shape, folded.bias.get_value().shape
+    ((64, 4), (4,))
+  """
+  if not isinstance(layer, BinaryLinear | BinaryConv):
+    raise TypeError(
+      f"fold_batch_norm: layer must be a BinaryLinear or BinaryConv, got {type(layer).__name__}"
+    )
+  if not isinstance(norm, nnx.BatchNorm):
+    raise TypeError(f"fold_batch_norm: norm must be an nnx.BatchNorm, got {type(norm).__name__}")
+  kernel = layer.kernel.get_value()
+  name = type(layer).__name__
+  if isinstance(kernel, packing.PackedBinary):
+    raise ValueError(f"fold_batch_norm: the {name} is packed; fold batch norms before pack_model")
+  if getattr(layer, "mask", None) is not None:
+    raise ValueError(f"fold_batch_norm: the {name} has a kernel mask, which cannot be folded")
+  features = kernel.shape[-1]
+  if norm.num_features != features:
+    raise ValueError(
+      f"fold_batch_norm: the BatchNorm has {norm.num_features} features, "
+      f"the {name} {features} output features"
+    )
+  axis = norm.axis if isinstance(norm.axis, tuple | list) else (norm.axis,)
+  # The layer's inputs have as many axes as its kernel (batch, spatial, features).
+  if len(axis) != 1 or axis[0] not in (-1, kernel.ndim - 1):
+    raise ValueError(
+      f"fold_batch_norm: the BatchNorm normalizes axis {norm.axis}; only the last axis (-1) folds"
+    )
+
+  def value(v, default):
+    return default if v is None else jnp.asarray(v.get_value(), jnp.float32)
+
+  f32 = jnp.float32
+  scale = value(norm.scale, jnp.ones((features,), f32))
+  s = scale * jax.lax.rsqrt(jnp.asarray(norm.var.get_value(), f32) + norm.epsilon)
+  shift = (
+    value(norm.bias, jnp.zeros((features,), f32)) - jnp.asarray(norm.mean.get_value(), f32) * s
+  )
+  bias = value(layer.bias, jnp.zeros((features,), f32)) * s + shift
+  effective = binarize_ste(kernel) if layer.binarize_kernel else kernel
+  folded = nnx.clone(layer)
+  # alpha * s rounds alike for +alpha and -alpha: each channel keeps exactly two values.
+  folded.kernel.set_value((jnp.asarray(effective, f32) * s).astype(kernel.dtype))
+  if folded.bias is None:
+    folded.bias = nnx.Param(bias.astype(layer.param_dtype))
+    folded.use_bias = True
+  else:
+    folded.bias.set_value(bias.astype(folded.bias.get_value().dtype))
+  return folded
