@@ -215,3 +215,19 @@ def test_binary_layers_jit_and_compare_equal_graphdefs():
   assert nnx.graphdef(a) == nnx.graphdef(b)
   x = jnp.ones((1, 3))
   np.testing.assert_allclose(nnx.jit(lambda m, x: m(x))(a, x), a(x), rtol=1e-6)
+
+
+def test_binary_conv_with_a_mask_binarizes_only_the_taps_it_keeps():
+  mask = jnp.zeros((3, 3, 1, 1)).at[1, 1].set(1.0).at[0, 0].set(1.0)
+  layer = BinaryConv(1, 1, (3, 3), use_bias=False, padding="VALID", mask=mask, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (2, 3, 3, 1))
+  # Binarized (as by lab_optax's optimizers): the kept taps are +-0.5, masked ones are ignored.
+  layer.kernel.set_value(jnp.full((3, 3, 1, 1), -0.5).at[1, 1].set(0.5))
+  expected = 0.5 * x[:, 1, 1, 0] - 0.5 * x[:, 0, 0, 0]
+  np.testing.assert_allclose(layer(x)[:, 0, 0, 0], expected, rtol=1e-6)
+  # Not binarized: BWN over the kept taps only, the masked taps contribute nothing.
+  layer.kernel.set_value(jnp.full((3, 3, 1, 1), 9.0).at[1, 1].set(0.2).at[0, 0].set(-0.4))
+  expected = 0.3 * x[:, 1, 1, 0] - 0.3 * x[:, 0, 0, 0]
+  np.testing.assert_allclose(layer(x)[:, 0, 0, 0], expected, rtol=1e-6)
+  grads = nnx.grad(lambda m: m(x).sum())(layer)
+  np.testing.assert_array_equal(np.asarray(grads["kernel"][...]) != 0, np.asarray(mask) != 0)

@@ -1,6 +1,7 @@
 """binary_mask and binarize_model."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -252,3 +253,24 @@ def test_folded_mlp_packs_to_one_file_and_matches_the_float_model(tmp_path):
     fresh.eval()
     np.testing.assert_array_equal(fresh(x), model(x))
     np.testing.assert_allclose(fresh(x), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_fold_batch_norm_refuses_one_weight_per_channel():
+  layer = binarized(BinaryLinear(1, 4, rngs=nnx.Rngs(0)))
+  with pytest.raises(ValueError, match="one weight per output channel"):
+    lab_optax.nnx.fold_batch_norm(layer, trained_norm(4, jax.random.key(0)))
+
+
+@pytest.mark.parametrize("binarize_inputs", [False, True])
+def test_packed_layers_keep_the_float_layers_output_dtype(binarize_inputs):
+  for layer, shape in (
+    (BinaryLinear(40, 6, binarize_inputs=binarize_inputs, rngs=nnx.Rngs(0)), (3, 40)),
+    (BinaryConv(3, 6, (3, 3), binarize_inputs=binarize_inputs, rngs=nnx.Rngs(0)), (2, 5, 5, 3)),
+  ):
+    binarized(layer)
+    for dtype in (jnp.bfloat16, jnp.float32):
+      x = jax.random.normal(jax.random.key(1), shape).astype(dtype)
+      expected = layer(x)
+      packed = lab_optax.nnx.pack_model(nnx.clone(layer))
+      assert packed(x).dtype == expected.dtype == jnp.float32
+      np.testing.assert_allclose(packed(x), expected, rtol=1e-5, atol=1e-5)

@@ -44,3 +44,9 @@ def test_summary_counts_per_channel_alphas_and_lstm_matrices():
   s = lab_optax.summary(cell, print_fn=None)
   assert s.binary_params == 4 * 35 + 4 * 49 and s.alphas == 8 and s.float_params == 28
   assert len(s.layers) == 8
+
+
+def test_one_weight_per_channel_counts_one_alpha():
+  layer = BinaryLinear(1, 3, rngs=nnx.Rngs(0))
+  layer.kernel.set_value(jnp.array([[0.4, -0.2, 0.3]]))
+  assert lab_optax.summary(layer, print_fn=None).alphas == 1

@@ -172,10 +172,13 @@ OTHER_SHAPES = {
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("per_channel", [False, True])
 def test_pack_unpack_round_trip_is_bitwise(dtype, per_channel):
-  params = trained_params({**DENSE_SHAPES, **OTHER_SHAPES}, dtype=dtype, per_channel=per_channel)
+  shapes = {**DENSE_SHAPES, **OTHER_SHAPES}
+  if per_channel:  # one alpha per channel needs more than one weight per channel
+    shapes = {name: shape for name, shape in shapes.items() if np.prod(shape[:-1]) > 1}
+  params = trained_params(shapes, dtype=dtype, per_channel=per_channel)
   packed = lab_optax.pack(params)
   assert packed["bias"] is params["bias"]
-  for name, shape in {**DENSE_SHAPES, **OTHER_SHAPES}.items():
+  for name, shape in shapes.items():
     leaf = packed[name]
     assert isinstance(leaf, lab_optax.PackedBinary)
     k, n = int(np.prod(shape[:-1])), shape[-1]
@@ -524,3 +527,13 @@ def test_save_refuses_non_numeric_leaves(tmp_path):
   with pytest.raises(ValueError, match=r"\['name'\]"):
     lab_optax.save_packed(tmp_path / "x.npz", {"name": np.array(["a"])})
   assert os.listdir(tmp_path) == []
+
+
+def test_pack_refuses_one_row_with_several_magnitudes():
+  # One weight per channel: "one alpha per channel" would be the weights themselves.
+  with pytest.raises(ValueError, match="not binarized"):
+    lab_optax.pack({"w": jnp.array([[0.4, -0.2, 0.3]])})
+  with pytest.raises(ValueError, match="not binarized"):
+    lab_optax.pack({"w": jnp.array([[0.4, -0.2, 0.3]])}, per_channel=True)
+  binary = jnp.array([[0.3, -0.3, 0.3]])
+  np.testing.assert_array_equal(lab_optax.unpack(lab_optax.pack({"w": binary}))["w"], binary)

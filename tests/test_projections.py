@@ -121,3 +121,25 @@ def test_constant_d_gives_bwn(w):
 def test_scales_jit(fn):
   w = jnp.arange(6.0).reshape(2, 3) - 2.5
   np.testing.assert_allclose(jax.jit(fn)(w, jnp.ones_like(w)), fn(w, jnp.ones_like(w)))
+
+
+def test_lab_scale_broadcasts_d_over_the_whole_tensor():
+  w = jnp.array([[0.5, -1.0], [0.0, 2.0]])
+  expected = projections.lab_scale(w, jnp.ones_like(w))
+  for d in (jnp.float32(3.0), jnp.ones((2, 1)), jnp.full((2,), 0.5)):
+    np.testing.assert_allclose(projections.lab_scale(w, d), expected)
+  # A row of d weights the columns.
+  np.testing.assert_allclose(
+    projections.lab_scale(w, jnp.array([1.0, 3.0])), [[(0.5 + 0.0 + 3 * (1.0 + 2.0)) / 8]]
+  )
+  with pytest.raises(ValueError, match=r"d of shape \(3,\) does not broadcast to w of shape"):
+    projections.lab_scale(w, jnp.ones(3))
+
+
+def test_proximal_binarize_names_bad_leaves():
+  with pytest.raises(ValueError, match=r"\['b'\] has dtype int32"):
+    lab_optax.proximal_binarize(
+      {"a": jnp.ones((2, 2)), "b": jnp.ones((2, 2), jnp.int32)}, {"a": 1.0, "b": 1.0}
+    )
+  with pytest.raises(ValueError, match=r"does not broadcast.*\['a'\]"):
+    lab_optax.proximal_binarize({"a": jnp.ones((2, 2))}, {"a": jnp.ones(3)})

@@ -47,3 +47,13 @@ def test_binarize_ste_keeps_binarized_kernels_exactly():
     np.testing.assert_array_equal(lab_optax.binarize_ste(k), k)
     np.testing.assert_array_equal(jax.jit(lab_optax.binarize_ste)(k), k)
   assert lab_optax.binarize_ste(jnp.zeros((0, 3))).shape == (0, 3)
+
+
+def test_binarize_ste_binarizes_a_kernel_with_one_weight_per_channel():
+  # max == min per channel holds trivially for one row: only one magnitude in all counts.
+  kernel = jnp.array([[0.4, -0.2, 0.3]])
+  np.testing.assert_allclose(lab_optax.binarize_ste(kernel), [[0.3, -0.3, 0.3]], rtol=1e-6)
+  binary = jnp.array([[0.3, -0.3, 0.3]])
+  np.testing.assert_array_equal(lab_optax.binarize_ste(binary), binary)
+  conv = jnp.array([0.4, -0.2]).reshape(1, 1, 1, 2)  # a 1x1 conv with one input channel
+  np.testing.assert_allclose(lab_optax.binarize_ste(conv).ravel(), [0.3, -0.3], rtol=1e-6)

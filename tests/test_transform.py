@@ -154,6 +154,9 @@ def test_missing_params_raise():
     ({"b2": -0.1}, "b2"),
     ({"eps": -1e-8}, "eps"),
     ({"clip": 0.0}, "clip"),
+    ({"b2": np.float32(1.5)}, "b2"),
+    ({"eps": float("nan")}, "eps"),
+    ({"clip": np.float64("nan")}, "clip"),
   ],
 )
 def test_bad_hyperparameters_fail_at_construction(kwargs, match):
@@ -320,6 +323,52 @@ def test_two_values_hold_in_low_precision_and_over_many_steps():
       assert_two_values(params, state)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_apply_updates_lands_exactly_on_alpha_for_large_changes(dtype):
+  """alpha_old -> alpha over ratios from 1e-5 to 1e3, both signs: p + (n - p) == n exactly."""
+  from lab_optax._src.transform import _representable_alpha, _round_significand
+
+  rng = np.random.default_rng(0)
+  old = _round_significand(jnp.asarray(10.0 ** rng.uniform(-3, 1, 4000), jnp.float32), dtype)
+  ratio = 10.0 ** rng.uniform(-5, 3, 4000)
+  alpha = _representable_alpha(jnp.asarray(old * ratio, jnp.float32), old, dtype)
+  assert bool(jnp.all(alpha > 0))
+  for sign_old, sign_new in ((1, 1), (1, -1), (-1, 1), (-1, -1)):
+    p = (sign_old * old).astype(dtype)
+    n = sign_new * alpha
+    u = (n - p.astype(jnp.float32)).astype(dtype)  # as the transformation computes it
+    np.testing.assert_array_equal(optax.apply_updates(p, u), n.astype(dtype))
+  # A drop is followed as closely as the old alpha's grid allows; growth is bounded by 2x.
+  bits = jnp.finfo(dtype).nmant - 1
+  target = np.minimum(old * ratio, 2 * np.asarray(old))
+  error = np.abs(np.asarray(alpha) - target) / target
+  bound = np.maximum(np.asarray(old) / target, 2.0) * 2.0**-bits
+  drops = ratio * 2.0**bits > 1  # within one step's reach
+  assert np.all(error[drops] <= bound[drops])
+
+
+def test_alpha_follows_the_closed_form_when_it_drops_more_than_2x():
+  """Curvature concentrated on a few small weights: LAB's alpha drops far in one step."""
+  w = np.full((8, 8), 0.375, np.float32) * np.where(np.arange(64).reshape(8, 8) % 2, 1, -1)
+  w[0, 0], w[0, 1] = 0.001, -0.0015
+  params = {"w": jnp.asarray(w)}
+  tx = lab_optax.lab(1e-4, eps=1e-8)
+  state = tx.init(params)
+  params = lab_optax.binarize_params(params, state)
+  g = np.zeros_like(w)
+  g[0, 0], g[0, 1] = 1.0, -1.0
+  updates, state = tx.update({"w": jnp.asarray(g)}, state, params)
+  params = optax.apply_updates(params, updates)
+  latent = np.asarray(optax.tree.get(state, "latent")["w"], np.float64)
+  nu = np.asarray(optax.tree.get(state, "nu")["w"], np.float64)
+  d = np.sqrt(nu / (1 - 0.999)) + 1e-8
+  expected = np.sum(d * np.abs(latent)) / np.sum(d)
+  alpha = float(optax.tree.get(state, "alpha")["w"])
+  assert expected < 0.01 * 0.375  # the closed form drops by more than 100x
+  np.testing.assert_allclose(alpha, expected, rtol=1e-4)
+  assert_two_values(params, state)
+
+
 def test_binarize_params_finds_nested_state_and_rejects_others():
   params = jax_tree(make_params())
   tx = optax.chain(
@@ -334,3 +383,35 @@ def test_binarize_params_finds_nested_state_and_rejects_others():
     lab_optax.binarize_params(params, optax.adam(0.1).init(params))
   latent = lab_optax.latent_weights(state)
   np.testing.assert_array_equal(latent["dense"], params["dense"])
+
+
+def test_per_channel_refuses_leaves_with_one_weight_per_channel():
+  params = {"kernel": jnp.ones((3, 4)), "row": jnp.ones((1, 4)), "bias": jnp.ones(4)}
+  with pytest.raises(ValueError, match=r"\['row'\] has shape \(1, 4\)"):
+    lab_optax.lab(0.1, per_channel=True).init(params)
+  with pytest.raises(ValueError, match=r"\['bias'\] has shape \(4,\)"):
+    lab_optax.lab(0.1, per_channel=True, mask={"kernel": True, "row": False, "bias": True}).init(
+      params
+    )
+  state = lab_optax.lab(0.1, per_channel=True, mask={"kernel": True, "row": False, "bias": False})
+  assert optax.tree.get(state.init(params), "alpha")["kernel"].shape == (4,)
+  # One alpha per tensor is fine for a single row.
+  lab_optax.lab(0.1).init(params)
+
+
+def test_mismatched_trees_and_shapes_name_the_leaf():
+  params = {"a": jnp.ones((4, 2)), "b": jnp.ones(3)}
+  tx = lab_optax.lab(0.1)
+  state = tx.init(params)
+  grads = {"a": jnp.ones((4, 2)), "b": jnp.ones(3)}
+  with pytest.raises(ValueError, match=r"the gradient at \['a'\] has shape \(2,\)"):
+    tx.update({"a": jnp.ones(2), "b": jnp.ones(3)}, state, params)
+  with pytest.raises(ValueError, match="the params do not have the structure"):
+    tx.update(grads, state, {"a": params["a"]})
+  other = tx.init({"a": jnp.ones((2, 4)), "b": jnp.ones(3)})
+  with pytest.raises(ValueError, match=r"the latent weight tensor at \['a'\] has shape \(2, 4\)"):
+    tx.update(grads, other, params)
+  with pytest.raises(ValueError, match=r"the latent weight tensor at \['a'\] has shape \(2, 4\)"):
+    lab_optax.binarize_params(params, other)
+  with pytest.raises(ValueError, match="latent weights do not have the structure"):
+    lab_optax.binarize_params({"a": params["a"], "c": params["b"]}, state)

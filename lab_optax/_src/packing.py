@@ -300,7 +300,7 @@ def _detect_layout(mat: np.ndarray, name: str) -> bool:
   mags = np.abs(mat.astype(np.float32))
   if _uniform(mags, None):
     return False
-  if _uniform(mags, 0):
+  if len(mags) > 1 and _uniform(mags, 0):  # one weight per channel is not binarized
     return True
   raise _layout_error(name, mags)
 
@@ -309,6 +309,8 @@ def _check_layout(mat: np.ndarray, name: str, per_channel: bool) -> None:
   if mat.size == 0:
     return
   mags = np.abs(mat.astype(np.float32))
+  if per_channel and len(mags) < 2 and not _uniform(mags, None):
+    raise _layout_error(name, mags)
   if not _uniform(mags, 0 if per_channel else None):
     if not per_channel and _uniform(mags, 0):
       raise ValueError(

@@ -129,6 +129,15 @@ def lab_scale(w: jax.Array, d: jax.Array | None, axis: Axis = None) -> jax.Array
   if d is None:
     return bwn_scale(w, axis=axis)
   w, d = _as_f32(w), _as_f32(d)
+  if d.shape != w.shape:
+    # A broadcast d (a scalar, a row) is a constant along the broadcast axes; it
+    # must be summed over w's shape, not its own.
+    try:
+      d = jnp.broadcast_to(d, w.shape)
+    except ValueError:
+      raise ValueError(
+        f"lab_scale: d of shape {d.shape} does not broadcast to w of shape {w.shape}"
+      ) from None
   if w.size == 0:
     return _keepdims_zeros(w, axis)
   sum_d = jnp.sum(d, axis=axis, keepdims=True)
@@ -174,9 +183,17 @@ def proximal_binarize(w: Any, d: Any, *, per_channel: bool = False) -> Any:
     <https://arxiv.org/abs/1611.01600>`_, ICLR 2017.
   """
 
-  def one(w, d):
+  def one(path, w, d):
     w = jnp.asarray(w)
-    alpha = lab_scale(w, d, reduction_axes(w.ndim, per_channel))
+    if not jnp.issubdtype(w.dtype, jnp.floating):
+      raise ValueError(
+        f"proximal_binarize: the leaf at {jax.tree_util.keystr(path) or '<root>'} has dtype "
+        f"{w.dtype}; binarized weights must be floating"
+      )
+    try:
+      alpha = lab_scale(w, d, reduction_axes(w.ndim, per_channel))
+    except ValueError as e:
+      raise ValueError(f"{e} (leaf at {jax.tree_util.keystr(path) or '<root>'})") from None
     return (alpha * binary_sign(w)).astype(w.dtype)
 
-  return jax.tree.map(one, w, d)
+  return jax.tree_util.tree_map_with_path(one, w, d)

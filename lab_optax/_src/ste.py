@@ -50,10 +50,10 @@ def binarize_ste(kernel: jax.Array) -> jax.Array:
   """Binarizes a kernel for the forward pass, with an identity gradient.
 
   A kernel that is already binarized (one magnitude per tensor, or per output
-  channel along the last axis), as the params are when trained with
-  :func:`lab_optax.lab`, :func:`lab_optax.bwn` or
-  :func:`lab_optax.binary_connect`, passes through unchanged, keeping the
-  optimizer's alpha. Any other kernel becomes ``mean(|w|) * binary_sign(w)``
+  channel along the last axis when a channel has more than one weight), as
+  the params are when trained with :func:`lab_optax.lab`,
+  :func:`lab_optax.bwn` or :func:`lab_optax.binary_connect`, passes through
+  unchanged, keeping the optimizer's alpha. Any other kernel becomes ``mean(|w|) * binary_sign(w)``
   (BWN), so a binary layer trained with a plain optimizer such as
   ``optax.adam`` trains as BWN. Either way the gradient with respect to the
   kernel is the gradient with respect to the binarized kernel
@@ -75,21 +75,60 @@ def binarize_ste(kernel: jax.Array) -> jax.Array:
     Array([[ 0.3, -0.3],
            [-0.3,  0.3]], dtype=float32)
   """
+  return _binarize(kernel, keep_zeros=False)
+
+
+def _binarize(kernel: jax.Array, *, keep_zeros: bool) -> jax.Array:
+  """``binarize_ste``'s forward pass; ``keep_zeros`` treats exact zeros as masked out.
+
+  With ``keep_zeros`` (a kernel multiplied by a mask), zeros stay zero and are
+  left out of the check and of ``mean(|w|)``.
+  """
   kernel = jnp.asarray(kernel)
   if kernel.ndim == 0 or kernel.size == 0:
     return kernel
   absk = jnp.abs(kernel)
-  axes = tuple(range(kernel.ndim - 1))
-  is_binary = jnp.all(jnp.max(absk, axis=axes) == jnp.min(absk, axis=axes))
+  # One magnitude per output channel; a kernel with one weight per channel
+  # (a single input row) counts as binarized only with one magnitude in all.
+  axes = tuple(range(kernel.ndim - 1)) if kernel.size > kernel.shape[-1] else None
+  if keep_zeros:
+    live = kernel != 0
+    largest = jnp.max(absk, axis=axes)
+    smallest = jnp.min(jnp.where(live, absk, jnp.inf), axis=axes)
+    is_binary = jnp.all((largest == smallest) | (largest == 0))
+  else:
+    live = None
+    is_binary = jnp.all(jnp.max(absk, axis=axes) == jnp.min(absk, axis=axes))
+
+  def bwn(k):
+    if live is None:
+      alpha = projections.bwn_scale(k)
+    else:
+      count = jnp.maximum(jnp.sum(live), 1).astype(jnp.float32)
+      alpha = jnp.sum(jnp.abs(k).astype(jnp.float32)) / count
+    out = alpha * projections.binary_sign(k)
+    return (out if live is None else jnp.where(live, out, 0)).astype(k.dtype)
+
   # lax.cond runs only one branch: a binarized kernel costs the check alone.
-  return jax.lax.cond(
-    is_binary,
-    lambda k: k,
-    lambda k: (projections.bwn_scale(k) * projections.binary_sign(k)).astype(k.dtype),
-    kernel,
-  )
+  return jax.lax.cond(is_binary, lambda k: k, bwn, kernel)
 
 
 @binarize_ste.defjvp
 def _binarize_ste_jvp(primals, tangents):
   return binarize_ste(primals[0]), tangents[0]
+
+
+@jax.custom_jvp
+def binarize_masked_ste(kernel: jax.Array) -> jax.Array:
+  """:func:`binarize_ste` of a masked kernel: exact zeros are masked-out taps and stay zero.
+
+  Used by :class:`lab_optax.nnx.BinaryConv` with a kernel ``mask`` (the kernel
+  arrives multiplied by it). The check and ``mean(|w|)`` only see the other
+  entries. A weight that is exactly zero counts as masked out.
+  """
+  return _binarize(kernel, keep_zeros=True)
+
+
+@binarize_masked_ste.defjvp
+def _binarize_masked_ste_jvp(primals, tangents):
+  return binarize_masked_ste(primals[0]), tangents[0]

@@ -8,10 +8,12 @@ the methods differ only in the scale function that picks ``alpha`` (see
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.experimental.shard_alike import shard_alike
 
@@ -48,15 +50,16 @@ _IMPLEMENTATIONS = (None, "reference", "blocked")
 
 
 def _check_hyperparams(b1: Any, b2: Any, eps: Any, clip: Any) -> None:
-  def number(x):
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+  def number(x):  # Python and NumPy scalars; arrays and tracers are not checked
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
 
+  # Written so that NaN fails every check.
   for name, value in (("b1", b1), ("b2", b2)):
     if number(value) and not 0.0 <= value < 1.0:
       raise ValueError(f"{name} must be in [0, 1), got {value}")
-  if number(eps) and eps < 0:
+  if number(eps) and not eps >= 0:
     raise ValueError(f"eps must be >= 0, got {eps}")
-  if number(clip) and clip <= 0:
+  if number(clip) and not clip > 0:
     raise ValueError(f"clip must be > 0 or None, got {clip}")
 
 
@@ -69,14 +72,70 @@ def _representable_alpha(alpha: jax.Array, alpha_old: jax.Array, dtype: Any) -> 
 
   ``apply_updates`` computes ``p + (n - p)`` with ``p = +-alpha_old`` and
   ``n = +-alpha``; in floating point that is only exact when ``alpha +- alpha_old``
-  is representable. Keeping every alpha on ``P - 2`` significant bits (``P`` is
-  the precision of the params' dtype: 24 for float32, 8 for bfloat16) and within
-  a factor of two of the previous alpha guarantees it, so every binarized leaf
-  holds exactly the two values ``+-alpha``. The ratio bound is a no-op in
-  practice: alpha moves by far less than 2x per step.
+  is representable. Every alpha is kept on ``B = P - 2`` significant bits
+  (``P`` is the precision of the params' dtype: 24 for float32, 8 for bfloat16),
+  and then:
+
+  * within a factor of two of ``alpha_old`` (the usual case), that is enough;
+  * smaller than ``alpha_old / 2``, alpha is rounded to a multiple of
+    ``alpha_old``'s last kept bit (at least one): then ``alpha +- alpha_old``
+    is a multiple of it below ``2 ** (P - 1)`` times it, so representable. The
+    relative rounding is ``(alpha_old / alpha) * 2 ** -(B + 1)`` at most
+    (``3e-5`` for a 100x drop in float32); in bfloat16 a drop of more than
+    ``2 ** B = 64``x takes more than one step;
+  * larger than ``2 * alpha_old``, alpha grows by a factor of two per step: a
+    sign flip from ``-alpha_old`` to ``+alpha`` is not exact beyond it.
+
+  So every binarized leaf holds exactly the two values ``+-alpha`` after every
+  step.
   """
-  alpha = jnp.where(alpha_old > 0, jnp.clip(alpha, alpha_old * 0.5, alpha_old * 2.0), alpha)
-  return _round_significand(alpha, dtype)
+  bits = jnp.finfo(dtype).nmant + 1 - 2
+  alpha = jnp.where(alpha_old > 0, jnp.minimum(alpha, alpha_old * 2.0), alpha)
+  rounded = _round_significand(alpha, dtype)
+  _, exponent = jnp.frexp(alpha_old)
+  quantum = jnp.ldexp(jnp.ones_like(alpha_old), exponent - bits)  # alpha_old's last kept bit
+  shrunk = jnp.maximum(jnp.round(alpha / quantum), 1.0) * quantum
+  return jnp.where((alpha_old > 0) & (alpha < alpha_old * 0.5), shrunk, rounded)
+
+
+def _check_per_channel(params: Any, flags: Any) -> None:
+  """One alpha per output channel needs at least two weights per channel."""
+
+  def check(path, p, binarized):
+    shape = jnp.shape(p)
+    if binarized and (len(shape) < 2 or math.prod(shape[:-1]) == 1):
+      raise ValueError(
+        f"per_channel=True: the binarized leaf at {jax.tree_util.keystr(path)} has shape "
+        f"{shape}, one weight per output channel, which one alpha per channel would keep in "
+        "full precision; leave it out of the mask or use one alpha per tensor"
+      )
+
+  jax.tree_util.tree_map_with_path(check, params, flags)
+
+
+def _leaf_paths(tree: Any) -> list[str]:
+  return [
+    jax.tree_util.keystr(path) or "<root>" for path, _ in jax.tree_util.tree_leaves_with_path(tree)
+  ]
+
+
+def _flatten_like(treedef: Any, tree: Any, what: str) -> list[Any]:
+  """``treedef.flatten_up_to(tree)``, with an error that says which tree does not fit."""
+  try:
+    return treedef.flatten_up_to(tree)
+  except (ValueError, TypeError) as e:
+    raise ValueError(f"{what} do not have the structure of the params: {e}") from None
+
+
+def _check_shapes(paths: list[str], params: list[Any], others: list[Any], what: str) -> None:
+  for path, p, x in zip(paths, params, others):
+    if _is_masked(x):
+      continue
+    if jnp.shape(x) != jnp.shape(p):
+      raise ValueError(
+        f"{what} at {path} has shape {jnp.shape(x)}, which does not match the params' "
+        f"{jnp.shape(p)}"
+      )
 
 
 def _flat_alpha(alpha: jax.Array, per_channel: bool) -> jax.Array:
@@ -145,7 +204,8 @@ def projected_adam(
       ``params -> such a pytree``. With :func:`optax.inject_hyperparams`, pass
       ``static_args='mask'`` for a callable mask, as for ``optax.adamw``.
     per_channel: one alpha per slice along the last axis (output channel)
-      instead of one per tensor.
+      instead of one per tensor. Every binarized leaf then needs at least two
+      weights per channel (``init`` raises ``ValueError`` otherwise).
     mu_dtype: dtype of the first moment; ``None`` uses the params' dtype.
     latent_dtype: dtype of the latent weights; ``None`` uses the params' dtype
       promoted to at least float32.
@@ -175,6 +235,8 @@ def projected_adam(
 
   def init_fn(params):
     flags = masks_lib.resolve_mask(mask, params)
+    if per_channel:
+      _check_per_channel(params, flags)
 
     def moment(p, dtype=None):
       if not masks_lib.is_floating(p):
@@ -237,10 +299,19 @@ def projected_adam(
       )
 
     treedef = jax.tree.structure(updates)
-    flat = [
-      treedef.flatten_up_to(tree)
-      for tree in (updates, params, state.mu, state.nu, state.latent, state.alpha)
+    flat = [treedef.flatten_up_to(updates)] + [
+      _flatten_like(treedef, tree, what)
+      for tree, what in (
+        (params, "the params"),
+        (state.mu, "the optimizer state's moments"),
+        (state.nu, "the optimizer state's moments"),
+        (state.latent, "the optimizer state's latent weights"),
+        (state.alpha, "the optimizer state's alphas"),
+      )
     ]
+    paths = _leaf_paths(updates)
+    _check_shapes(paths, flat[1], flat[0], "the gradient")
+    _check_shapes(paths, flat[1], flat[4], "the latent weight tensor")
     block = fused.block_elements(sum(map(blocks, flat[2], flat[3], flat[4])))
 
     def blocked(g, m, v, w):
@@ -346,7 +417,8 @@ _ALIAS_DOC = r"""{formula}
       ``params -> such a pytree``. Unmasked floating leaves get plain Adam with
       the same hyperparameters and no clipping; integer leaves are untouched.
     per_channel: one alpha per slice along the last axis instead of one per
-      tensor (beyond the paper).
+      tensor (beyond the paper); every binarized leaf needs at least two
+      weights per channel.
     mu_dtype: dtype of the first moment (``None``: the params' dtype).
     latent_dtype: dtype of the latent weights (``None``: the params' dtype,
       promoted to at least float32).
@@ -434,14 +506,14 @@ def binarize_params(params: optax.Params, opt_state: optax.OptState) -> optax.Pa
     if _is_masked(w):
       return p
     p = jnp.asarray(p)
-    if w.shape != p.shape:
-      raise ValueError(f"latent weights of shape {w.shape} do not match params of shape {p.shape}")
     return (a * projections.binary_sign(w)).astype(p.dtype)
 
   treedef = jax.tree.structure(params)
-  latent = treedef.flatten_up_to(state.latent)
-  alpha = treedef.flatten_up_to(state.alpha)
-  return treedef.unflatten(map(one, treedef.flatten_up_to(params), latent, alpha))
+  flat_params = treedef.flatten_up_to(params)
+  latent = _flatten_like(treedef, state.latent, "the optimizer state's latent weights")
+  alpha = _flatten_like(treedef, state.alpha, "the optimizer state's alphas")
+  _check_shapes(_leaf_paths(params), flat_params, latent, "the latent weight tensor")
+  return treedef.unflatten(map(one, flat_params, latent, alpha))
 
 
 def latent_weights(opt_state: optax.OptState) -> optax.Params:

@@ -33,7 +33,7 @@ from flax.nnx.nn import dtypes
 from flax.typing import Dtype, Initializer, PrecisionLike
 
 from lab_optax._src import packing
-from lab_optax._src.ste import binarize_ste, sign_ste
+from lab_optax._src.ste import binarize_masked_ste, binarize_ste, sign_ste
 
 Array = jax.Array
 
@@ -81,12 +81,14 @@ class _BinaryOp:
   op: Callable[..., Array]
   binarize_kernel: bool
   binarize_inputs: bool
+  # The kernel arrives multiplied by a mask (nnx.Conv's ``mask``): its zeros stay zero.
+  masked: bool = False
 
   def __call__(self, lhs, rhs, *args, **kwargs):
     if self.binarize_inputs:
       lhs = sign_ste(lhs)
     if self.binarize_kernel:
-      rhs = binarize_ste(rhs)
+      rhs = binarize_masked_ste(rhs) if self.masked else binarize_ste(rhs)
     return self.op(lhs, rhs, *args, **kwargs)
 
 
@@ -184,7 +186,7 @@ class BinaryLinear(nnx.Linear):
     kernel = self.kernel.get_value()
     if not isinstance(kernel, packing.PackedBinary):
       return super().__call__(inputs, out_sharding)
-    inputs = _inference_dtype(inputs, self.dtype)
+    inputs = _inference_dtype(inputs, self.dtype, kernel, self.bias)
     if self.binarize_inputs:
       y = packing.xnor_dense(inputs, kernel)
     else:
@@ -192,9 +194,17 @@ class BinaryLinear(nnx.Linear):
     return _add_bias(y, self.bias)
 
 
-def _inference_dtype(inputs: Array, dtype: Dtype | None) -> Array:
+def _inference_dtype(
+  inputs: Array, dtype: Dtype | None, kernel: packing.PackedBinary, bias: nnx.Param | None
+) -> Array:
+  """The inputs in the dtype the float layer computes in (``promote_dtype``'s choice)."""
   inputs = jnp.asarray(inputs)
-  return inputs.astype(dtype) if dtype is not None else inputs
+  if dtype is None:
+    operands = [inputs.dtype, jnp.dtype(kernel.dtype)]
+    if bias is not None:
+      operands.append(jnp.asarray(bias.get_value()).dtype)
+    dtype = jnp.result_type(*operands)
+  return inputs.astype(dtype)
 
 
 def _add_bias(y: Array, bias: nnx.Param | None) -> Array:
@@ -237,7 +247,9 @@ class BinaryConv(nnx.Conv):
     binarize_kernel: binarize the kernel (``False``: a full-precision conv).
     binarize_inputs: binarize the inputs with :func:`lab_optax.sign_ste`
       (LAB2, BNN, XNOR). Zero padding stays zero, as in the float conv.
-    mask: optional mask of the kernel's shape, as ``nnx.Conv``.
+    mask: optional mask of the kernel's shape, as ``nnx.Conv``. Masked-out
+      taps stay zero and are left out of the layer's own binarization (its
+      check and ``mean(|w|)``); packed inference does not take a mask.
     dtype: the dtype of the computation.
     param_dtype: the dtype of the parameters.
     precision: numerical precision of the computation.
@@ -294,7 +306,9 @@ class BinaryConv(nnx.Conv):
       precision=precision,
       kernel_init=kernel_init,
       bias_init=bias_init,
-      conv_general_dilated=_BinaryOp(conv_general_dilated, binarize_kernel, binarize_inputs),
+      conv_general_dilated=_BinaryOp(
+        conv_general_dilated, binarize_kernel, binarize_inputs, masked=mask is not None
+      ),
       promote_dtype=promote_dtype,
       preferred_element_type=preferred_element_type,
       rngs=rngs,
@@ -315,7 +329,7 @@ class BinaryConv(nnx.Conv):
     conv = packing.xnor_conv if self.binarize_inputs else packing.binary_conv
     extra = {} if self.binarize_inputs else {"precision": self.precision}
     y = conv(
-      _inference_dtype(inputs, self.dtype),
+      _inference_dtype(inputs, self.dtype, kernel, self.bias),
       kernel,
       strides=1 if self.strides is None else self.strides,
       padding=self.padding,

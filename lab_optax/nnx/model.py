@@ -165,8 +165,9 @@ def fold_batch_norm(
 
   Raises:
     TypeError: if ``layer`` or ``norm`` is of another type.
-    ValueError: if the layer is packed or has a kernel mask, or the norm's
-      axis or number of features does not fit the layer.
+    ValueError: if the layer is packed, has a kernel mask or one weight per
+      output channel, or the norm's axis or number of features does not fit
+      the layer.
 
   Example usage::
 
@@ -196,6 +197,11 @@ def fold_batch_norm(
   if getattr(layer, "mask", None) is not None:
     raise ValueError(f"fold_batch_norm: the {name} has a kernel mask, which cannot be folded")
   features = kernel.shape[-1]
+  if layer.binarize_kernel and kernel.size <= features:
+    raise ValueError(
+      f"fold_batch_norm: the {name}'s kernel has one weight per output channel; one alpha per "
+      "channel would keep it in full precision"
+    )
   if norm.num_features != features:
     raise ValueError(
       f"fold_batch_norm: the BatchNorm has {norm.num_features} features, "

@@ -128,7 +128,7 @@ def _alphas(kernel: jnp.ndarray | PackedBinary) -> int:
   if k.size == 0 or k.ndim == 0 or k.max() == k.min():
     return 1
   per_channel = k.reshape(-1, k.shape[-1])
-  if (per_channel.max(axis=0) == per_channel.min(axis=0)).all():
+  if len(per_channel) > 1 and (per_channel.max(axis=0) == per_channel.min(axis=0)).all():
     return k.shape[-1]
   return 1  # not binarized yet: the layer binarizes it with one alpha (BWN)
 
