@@ -206,9 +206,11 @@ def training_step(runs: int) -> list[dict]:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--json", help="also write the results to this file")
-  parser.add_argument("--runs", type=int, default=50, help="timed calls per candidate")
+  parser.add_argument("--runs", type=int, default=50, help="timed calls per candidate (>= 20)")
   parser.add_argument("--part", choices=("a", "b", "all"), default="all")
   args = parser.parse_args()
+  if args.runs < 20:
+    parser.error("--runs must be at least 20")
 
   load_before = os.getloadavg()
   out = {

@@ -55,6 +55,14 @@ def test_mlp_on_digits_with_all_seven_methods(tmp_path, capsys):
   for label in ("FP", "BinaryConnect", "BWN", "LAB", "BNN", "XNOR", "LAB2"):
     assert label in stdout
   assert "+-" in stdout
+  assert "paper" not in stdout  # the digits are not the paper's data set
+  config = results["config"]
+  assert config["lr"] == 0.01 and config["lr_lab2"] == 0.005  # the defaults, recorded
+  # Output files get a plain open()'s mode, not mkstemp's 0600.
+  umask = os.umask(0o022)
+  os.umask(umask)
+  for name in ("results.json", "validation_curves.png"):
+    assert (out / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
 
 
 def test_mlp_on_mnist_idx_files(tmp_path, capsys):
@@ -68,7 +76,8 @@ def test_mlp_on_mnist_idx_files(tmp_path, capsys):
   results = load_results(out)
   check_results(results, "test_error", ["lab", "fp"], 1, 2)
   assert results["config"]["dataset"] == "mnist" and results["config"]["hidden"] == 8
-  assert "paper" in stdout and "1.170" in stdout  # Table 1's LAB figure beside ours
+  # 8 hidden units are not Table 1's network (2048): no paper column beside these figures.
+  assert "paper" not in stdout and "1.170" not in stdout
 
 
 @pytest.mark.parametrize("dataset", ["cifar10", "svhn"])
@@ -80,13 +89,15 @@ def test_cnn_on_cifar_pickles_and_svhn_mat_files(tmp_path, capsys, dataset):
     write_svhn(data_dir, n_train=40, n_test=6)
   out = tmp_path / "out"
   args = ["cnn", "--dataset", dataset, "--data-dir", str(data_dir), "--width", "2", "--fc", "8"]
-  status, _, _ = run_cli(
+  status, stdout, _ = run_cli(
     [*args, "--batch-size", "4", "--methods", "lab2,bwn", "--out", str(out), *FAST], capsys
   )
   assert status == 0
   results = load_results(out)
   check_results(results, "test_error", ["lab2", "bwn"], 1, 2)
   assert results["config"]["width"] == 2
+  # K = 2 and 8 dense units are not the paper's net: no Table 1 or 2 figure beside these.
+  assert "paper" not in stdout and "2.531" not in stdout and "11.030" not in stdout
 
 
 def test_cnn_on_digits(tmp_path, capsys):
@@ -135,6 +146,17 @@ def test_lstm_on_a_text_file_and_a_directory(tmp_path, capsys):
     (["mlp", "--resume"], "--resume needs --checkpoint-dir"),
     (["mlp", "--devices", "64"], "--devices 64"),
     (["mlp", "--epochs", "0"], "positive integer"),
+    (["mlp", "--lr", "0"], "--lr: must be a positive finite number, got 0"),
+    (["cnn", "--lr", "-1"], "positive finite number"),
+    (["lstm", "--lr", "nan"], "positive finite number"),
+    (["mlp", "--lr", "inf"], "positive finite number"),
+    (["mlp", "--lr", "fast"], "positive finite number"),
+    (["mlp", "--batch-size", "2000"], "--batch-size 2000 is larger than the 1077 training"),
+    (["cnn", "--batch-size", "1078"], "lower --batch-size"),
+    (["lstm", "--split", "0.8,0.2"], "--split: must be three positive fractions"),
+    (["lstm", "--split", "0.9,0.1,0.1"], "summing to 1"),
+    (["lstm", "--split", "0,0.5,0.5"], "TRAIN,VAL,TEST"),
+    (["lstm", "--split", "a,b,c"], "TRAIN,VAL,TEST"),
     (["mlp", "--hidden", "x"], "invalid"),
     (["nonsense"], "invalid choice"),
   ],
@@ -147,6 +169,160 @@ def test_bad_input_exits_with_status_2_and_one_line(tmp_path, capsys, args, mess
   assert err.startswith("lab-optax: error: ") and err.count("\n") == 1
   assert message in err
   assert "Traceback" not in err
+  assert "batch_size=" not in err
+
+
+@pytest.mark.parametrize("experiment", ["mlp", "cnn", "lstm"])
+def test_help_has_no_literal_percent_and_states_the_defaults(capsys, experiment):
+  with pytest.raises(SystemExit) as excinfo:
+    cli.main([experiment, "--help"])
+  assert excinfo.value.code == 0
+  text = " ".join(capsys.readouterr().out.split())  # undo argparse's line wrapping
+  assert "%%" not in text
+  expected = {
+    "mlp": ["30% and 50%", "minibatch size (default: 100)", "(default: 0.01, LAB2 0.005)"],
+    "cnn": ["minibatch size (default: 50)", "cifar10 0.03, svhn 0.001, digits 0.01"],
+    "lstm": [
+      "after 5% of the epochs",
+      "minibatch size (default: 50; paper: 100)",
+      "(default: 0.002",
+      "LSTM units (default: 128; paper: 512)",
+      "unrolled steps (default and paper: 100)",
+      "--split TRAIN,VAL,TEST",
+      "default: 0.9,0.05,0.05",
+    ],
+  }[experiment]
+  for phrase in expected:
+    assert phrase in text, phrase
+  assert "default: the paper's" not in text
+
+
+def test_paper_figures_only_for_the_papers_data_and_architecture():
+  paper = cli._paper_figures
+  assert paper("mlp", {"dataset": "mnist", "hidden": 2048}) == cli.PAPER[("mlp", "mnist")]
+  assert paper("mlp", {"dataset": "mnist", "hidden": 32}) is None
+  assert paper("mlp", {"dataset": "digits", "hidden": 2048}) is None
+  cnn = {"dataset": "cifar10", "width": 128, "fc": 1024}
+  assert paper("cnn", cnn) == cli.PAPER[("cnn", "cifar10")]
+  assert paper("cnn", {**cnn, "width": 64}) is None
+  assert paper("cnn", {**cnn, "fc": 128}) is None
+  svhn = {"dataset": "svhn", "width": 64, "fc": 1024}
+  assert paper("cnn", svhn) == cli.PAPER[("cnn", "svhn")]
+  assert paper("cnn", {**svhn, "width": 16})["lab"] == 3.050  # Table 2
+  assert paper("cnn", {**svhn, "width": 128})["fp"] == 2.146
+  assert paper("cnn", {**svhn, "width": 2}) is None
+  assert paper("cnn", {**svhn, "width": 32, "fc": 8}) is None
+  assert paper("cnn", {"dataset": "digits", "width": 16, "fc": 128}) is None
+  lstm = {"default_text": True, "hidden": 512, "timesteps": 100, "split": [0.9, 0.05, 0.05]}
+  assert paper("lstm", lstm) == cli.PAPER[("lstm", "linux")]
+  assert paper("lstm", {**lstm, "hidden": 128}) is None
+  assert paper("lstm", {**lstm, "timesteps": 10}) is None
+  assert paper("lstm", {**lstm, "split": [0.8, 0.1, 0.1]}) is None
+  assert paper("lstm", {**lstm, "default_text": False}) is None
+  # Table 2 has no BNN figure: "-" for it, and no column at all when no method has one.
+  records = [{"method": m, "test_error": 3.0} for m in ("lab", "bnn")]
+  table = cli.summarize(records, "test_error", paper("cnn", {**svhn, "width": 16}))
+  assert "paper" in table and "3.050" in table and table.splitlines()[-1].endswith("-")
+  table = cli.summarize(records[1:], "test_error", paper("cnn", {**svhn, "width": 16}))
+  assert "paper" not in table
+
+
+def test_write_atomic_gives_the_mode_of_a_plain_open(tmp_path):
+  old = os.umask(0o027)
+  try:
+    cli._write_atomic(tmp_path / "a" / "f.json", lambda f: f.write(b"{}"))
+    with open(tmp_path / "plain", "w"):
+      pass
+  finally:
+    os.umask(old)
+  assert (tmp_path / "a" / "f.json").stat().st_mode & 0o777 == 0o640
+  assert (tmp_path / "plain").stat().st_mode & 0o777 == 0o640
+  assert [p.name for p in (tmp_path / "a").iterdir()] == ["f.json"]  # no temporary left
+
+
+def test_lr_is_used_recorded_and_checked_on_resume(tmp_path, capsys):
+  ckpt = tmp_path / "ckpt"
+  base = ["mlp", "--hidden", "8", "--methods", "fp,lab2", "--epochs", "1", "--no-progress"]
+  curves = {}
+  for lr in (None, "0.5"):
+    out = tmp_path / f"lr{lr}"
+    flags = ["--lr", lr] if lr else ["--checkpoint-dir", str(ckpt)]
+    assert run_cli([*base, "--out", str(out), *flags], capsys)[0] == 0
+    results = load_results(out)
+    curves[lr] = [r["train_loss_curve"] for r in results["results"]]
+    expected = (0.5, 0.5) if lr else (0.01, 0.005)
+    assert (results["config"]["lr"], results["config"]["lr_lab2"]) == expected
+  assert curves[None][0] != curves["0.5"][0] and curves[None][1] != curves["0.5"][1]
+  assert json.loads((ckpt / "config.json").read_text())["lr"] == 0.01
+  status, _, err = run_cli(
+    [*base, "--out", str(tmp_path / "r"), "--checkpoint-dir", str(ckpt), "--resume"]
+    + ["--lr", "0.5"],
+    capsys,
+  )
+  assert status == 2 and "other settings (lr, lr_lab2)" in err
+
+
+def test_a_failed_run_does_not_block_the_corrected_rerun(tmp_path, capsys):
+  ckpt, out = tmp_path / "ck1", tmp_path / "c0"
+  base = ["mlp", "--hidden", "8", "--epochs", "1", "--methods", "lab", "--no-progress"]
+  base += ["--out", str(out), "--checkpoint-dir", str(ckpt)]
+  status, _, err = run_cli([*base, "--batch-size", "2000"], capsys)
+  assert status == 2 and "--batch-size 2000" in err
+  assert not ckpt.exists() and not out.exists()  # refused before anything was written
+  # Leftovers of a run that died before its first checkpoint (another config, an empty run
+  # folder, an unfinished orbax save) hold nothing to resume: a fresh run may reuse the directory.
+  (ckpt / "lab-seed0").mkdir(parents=True)
+  (ckpt / "lab-seed1" / "1.orbax-checkpoint-tmp-123").mkdir(parents=True)
+  (ckpt / "config.json").write_text(json.dumps({"experiment": "mlp", "batch_size": 2000}))
+  assert run_cli([*base, "--batch-size", "100"], capsys)[0] == 0
+  assert json.loads((ckpt / "config.json").read_text())["batch_size"] == 100
+  # Now lab-seed0 holds a finished step: a rerun without --resume is refused.
+  status, _, err = run_cli([*base, "--batch-size", "100"], capsys)
+  assert status == 2 and "already holds runs" in err
+
+
+def test_a_failed_plot_keeps_the_results_and_removes_an_older_plot(tmp_path, capsys, monkeypatch):
+  out = tmp_path / "out"
+  out.mkdir()
+  (out / "validation_curves.png").write_bytes(b"an older run's plot")
+
+  def broken(*args):
+    raise RuntimeError("no backend")
+
+  monkeypatch.setattr(cli, "render_curves", broken)
+  status, stdout, err = run_cli(
+    [
+      "mlp",
+      "--hidden",
+      "8",
+      "--methods",
+      "fp",
+      "--out",
+      str(out),
+      "--no-progress",
+      "--epochs",
+      "1",
+    ],
+    capsys,
+  )
+  assert status == 1
+  assert err.startswith("lab-optax: error: ") and err.count("\n") == 1 and "no backend" in err
+  check_results(load_results(out), "test_error", ["fp"], 1, 1)
+  assert not (out / "validation_curves.png").exists()
+  assert "FP" in stdout  # the table is still printed
+
+
+def test_lstm_split_is_used_recorded_and_checked_on_resume(tmp_path, capsys):
+  text, ckpt = tmp_path / "t.txt", tmp_path / "ckpt"
+  write_text(text, n=6000)
+  base = ["lstm", "--text", str(text), "--hidden", "8", "--timesteps", "10", "--batch-size", "4"]
+  base += ["--methods", "fp", "--epochs", "1", "--no-progress", "--checkpoint-dir", str(ckpt)]
+  out = tmp_path / "out"
+  assert run_cli([*base, "--split", "0.8,0.1,0.1", "--out", str(out)], capsys)[0] == 0
+  config = load_results(out)["config"]
+  assert config["split"] == [0.8, 0.1, 0.1] and config["lr"] == 0.002
+  status, _, err = run_cli([*base, "--resume", "--out", str(out)], capsys)
+  assert status == 2 and "other settings (split)" in err
 
 
 def test_corrupted_mnist_file_is_refused(tmp_path, capsys):
