@@ -43,6 +43,7 @@ from flax import nnx
 from machine import cpu_name
 
 import lab_optax
+from lab_optax._src import fused
 from lab_optax.experiments.models import METHODS, MLP, squared_hinge
 from lab_optax.experiments.train import _train_step
 from lab_optax.nnx import binarize_model, binary_mask
@@ -95,38 +96,56 @@ OPTIMIZERS: dict[str, Callable[[], optax.GradientTransformation]] = {
 }
 
 
-def optimizer_step(runs: int) -> list[dict]:
+def _step_call(tx, params0, grads, block: int | None = None):
+  """A jitted, donated step of ``tx`` and its compiled form, settled by a few calls.
+
+  ``block`` overrides ``fused.BLOCK_ELEMENTS`` while the step is traced.
+  """
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  def step(params, opt_state, grads):
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  params = jax.tree.map(jnp.copy, params0)
+  opt_state = tx.init(params)
+  if isinstance(opt_state, lab_optax.ProjectedAdamState):
+    params = lab_optax.binarize_params(params, opt_state)
+  default = fused.BLOCK_ELEMENTS
+  fused.BLOCK_ELEMENTS = block or default
+  try:
+    compiled = step.lower(params, opt_state, grads).compile()
+  finally:
+    fused.BLOCK_ELEMENTS = default
+  box = [params, opt_state]
+
+  def call():
+    box[0], box[1] = compiled(box[0], box[1], grads)
+    jax.block_until_ready(box)
+
+  for _ in range(3):  # settle
+    call()
+  return call, compiled, opt_state
+
+
+def _tree_and_grads():
   params0 = dense_tree(jax.random.key(0))
   grads = jax.tree.map(
     lambda p: 1e-3 * jax.random.normal(jax.random.key(1), p.shape, p.dtype), params0
   )
+  return params0, grads
+
+
+def optimizer_step(runs: int) -> list[dict]:
+  params0, grads = _tree_and_grads()
   calls, rows = {}, {}
   for name, make in OPTIMIZERS.items():
-    tx = make()
-
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def step(params, opt_state, grads, tx=tx):
-      updates, opt_state = tx.update(grads, opt_state, params)
-      return optax.apply_updates(params, updates), opt_state
-
-    params = jax.tree.map(jnp.copy, params0)
-    opt_state = tx.init(params)
-    if name != "optax.adam":
-      params = lab_optax.binarize_params(params, opt_state)
-    compiled = step.lower(params, opt_state, grads).compile()
+    call, compiled, opt_state = _step_call(make(), params0, grads)
     rows[name] = {
       "optimizer": name,
       "state_bytes": state_bytes(opt_state),
       "temp_bytes": compiled.memory_analysis().temp_size_in_bytes,
     }
-    box = [params, opt_state]
-
-    def call(step=step, box=box):
-      box[0], box[1] = step(box[0], box[1], grads)
-      jax.block_until_ready(box)
-
-    for _ in range(3):  # compile and settle
-      call()
     calls[name] = call
   medians = interleaved_medians(calls, runs)
   adam = rows["optax.adam"]
@@ -135,6 +154,23 @@ def optimizer_step(runs: int) -> list[dict]:
     row["time_vs_adam"] = medians[name] / medians["optax.adam"]
     row["state_vs_adam"] = row["state_bytes"] / adam["state_bytes"]
   return list(rows.values())
+
+
+BLOCK_SIZES = tuple(1 << k for k in range(12, 19))
+
+
+def block_sweep(runs: int) -> list[dict]:
+  """Part (a)'s step of ``lab`` with blocked updates of 2**12 to 2**18 elements per block."""
+  params0, grads = _tree_and_grads()
+  calls = {"optax.adam": _step_call(optax.adam(1e-3), params0, grads)[0]}
+  for block in BLOCK_SIZES:
+    tx = lab_optax.lab(1e-3, implementation="blocked")
+    calls[f"lab, blocks of 2^{block.bit_length() - 1}"] = _step_call(tx, params0, grads, block)[0]
+  medians = interleaved_medians(calls, runs)
+  return [
+    {"optimizer": name, "ms": 1e3 * t, "time_vs_adam": t / medians["optax.adam"]}
+    for name, t in medians.items()
+  ]
 
 
 # ---------------------------------------------------------------------------
@@ -207,7 +243,12 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--json", help="also write the results to this file")
   parser.add_argument("--runs", type=int, default=50, help="timed calls per candidate (>= 20)")
-  parser.add_argument("--part", choices=("a", "b", "all"), default="all")
+  parser.add_argument(
+    "--part",
+    choices=("a", "b", "blocks", "all"),
+    default="all",
+    help="a: optimizer step; b: MLP training step; blocks: lab's step by block size (not in all)",
+  )
   args = parser.parse_args()
   if args.runs < 20:
     parser.error("--runs must be at least 20")
@@ -239,6 +280,13 @@ def main() -> None:
         f"{r['optimizer']:34s} {r['ms']:8.2f} {r['time_vs_adam']:7.2f}x "
         f"{r['state_bytes'] / 1e6:9.1f} {r['state_vs_adam']:7.2f}x {r['temp_bytes'] / 1e6:8.1f}"
       )
+
+  if args.part == "blocks":
+    rows = block_sweep(args.runs)
+    out["block_sweep"] = rows
+    print(f"\n(a) with lab's blocked update by block size, median of {args.runs} interleaved calls")
+    for r in rows:
+      print(f"{r['optimizer']:34s} {r['ms']:8.2f} {r['time_vs_adam']:7.2f}x")
 
   if args.part in ("b", "all"):
     rows = training_step(args.runs)

@@ -274,3 +274,63 @@ def test_packed_layers_keep_the_float_layers_output_dtype(binarize_inputs):
       packed = lab_optax.nnx.pack_model(nnx.clone(layer))
       assert packed(x).dtype == expected.dtype == jnp.float32
       np.testing.assert_allclose(packed(x), expected, rtol=1e-5, atol=1e-5)
+
+
+class Mixed(nnx.Module):
+  def __init__(self, rngs):
+    self.conv = BinaryConv(3, 4, (3, 3), rngs=rngs)
+    self.full = BinaryLinear(4, 4, binarize_kernel=False, rngs=rngs)
+    self.cell = lab_optax.nnx.BinaryLSTMCell(4, 4, rngs=rngs)
+    self.out = BinaryLinear(4, 2, rngs=rngs)
+
+  def __call__(self, x):
+    x = jnp.mean(self.conv(x), axis=(1, 2))
+    x = self.full(x)
+    (_, h), _ = self.cell(self.cell.initialize_carry(x.shape, nnx.Rngs(0)), x)
+    return self.out(h)
+
+
+def test_binarize_model_lets_optimizer_binarized_layers_skip_the_check():
+  def build(skip_out):
+    model = Mixed(nnx.Rngs(0))
+    mask = binary_mask(model)
+    if skip_out:
+      mask["out"]["kernel"] = False  # trained in full precision by the optimizer
+    return model, nnx.Optimizer(model, lab_optax.lab(0.05, mask=mask), wrt=nnx.Param)
+
+  model, optimizer = build(skip_out=True)
+  unmarked = nnx.clone(model)
+  binarize_model(model, optimizer)
+  nnx.update(unmarked, nnx.state(model))  # same values, layers not marked
+  ops = {
+    "conv": model.conv.conv_general_dilated,
+    "full": model.full.dot_general,
+    "cell.ii": model.cell.ii.dot_general,
+    "cell.hf": model.cell.hf.dot_general,
+    "out": model.out.dot_general,
+  }
+  assert {name: op.kernel_binarized for name, op in ops.items()} == {
+    "conv": True,
+    "full": False,  # binarize_kernel=False
+    "cell.ii": True,
+    "cell.hf": True,
+    "out": False,  # not binarized by the optimizer: the layer keeps its check
+  }
+  x = jax.random.normal(jax.random.key(1), (2, 5, 5, 3))
+  # The check is gone from the forward pass of the marked layers only.
+  conds = str(jax.make_jaxpr(lambda m: m(x))(model)).count("cond[")
+  assert conds == 1 and str(jax.make_jaxpr(lambda m: m(x))(unmarked)).count("cond[") == 10
+
+  @nnx.jit
+  def step(model, optimizer):
+    grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2))(model)
+    optimizer.update(model, grads)
+
+  twin, twin_optimizer = build(skip_out=True)
+  nnx.update(twin, nnx.state(unmarked))
+  for _ in range(5):
+    step(model, optimizer)
+    step(twin, twin_optimizer)
+  # Marking changes the work, not the result.
+  for a, b in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(nnx.state(twin))):
+    np.testing.assert_array_equal(a, b)

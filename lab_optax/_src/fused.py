@@ -34,11 +34,16 @@ from jax import lax
 
 from lab_optax._src import projections
 
-# Largest row block, in elements (512 KiB of float32): the fastest of 2**12 to
-# 2**20 on 1000 x 2000 and 2048 x 2048 leaves (docs/results.md). Smaller blocks
-# pay more per iteration; larger ones fall out of the cache between XLA:CPU's
-# loops and need more temporaries.
-BLOCK_ELEMENTS = 1 << 17
+# Largest row block, in elements (64 KiB of float32). From 2**15 elements up,
+# XLA:CPU splits the loop body's accumulator fusion over two threads
+# (``outer_dimension_partitions`` in the compiled HLO), a dispatch per block.
+# Depending on the machine's state that made the step faster or much slower
+# than 2**14, which stays single-threaded and ran within 6% in all states
+# (``python benchmarks/bench_optimizer.py --part blocks``, docs/results.md).
+# Smaller blocks pay more per iteration.
+BLOCK_ELEMENTS = 1 << 14
+# Rows longer than this keep the reference update (a block is at least one row).
+MAX_ROW_ELEMENTS = 1 << 17
 # XLA:CPU does not share the blocks' temporaries between leaves, and more than
 # about 32 MB of temporaries page-faults on every call: with many binarized
 # leaves the blocks shrink to keep all of them within this budget.
@@ -70,14 +75,14 @@ def supports(scale_fn, m: jax.Array, v: jax.Array, w: jax.Array) -> bool:
     :func:`~lab_optax.projections.bwn_scale` and
     :func:`~lab_optax.projections.binary_connect_scale`, float32 moments and
     latent weights, at least two rows (all axes but the last) and rows of at
-    most :data:`BLOCK_ELEMENTS` elements.
+    most :data:`MAX_ROW_ELEMENTS` elements.
   """
   if scale_fn not in _SUMS or w.ndim < 2 or w.size == 0:
     return False
   if any(x.dtype != jnp.float32 for x in (m, v, w)):
     return False
   cols = w.shape[-1]
-  return w.size // cols >= 2 and cols <= BLOCK_ELEMENTS
+  return w.size // cols >= 2 and cols <= MAX_ROW_ELEMENTS
 
 
 def block_elements(leaves: int) -> int:

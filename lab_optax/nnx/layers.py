@@ -83,13 +83,23 @@ class _BinaryOp:
   binarize_inputs: bool
   # The kernel arrives multiplied by a mask (nnx.Conv's ``mask``): its zeros stay zero.
   masked: bool = False
+  # Set by lab_optax.nnx.binarize_model: a lab_optax optimizer keeps this kernel
+  # binarized, so it is used as it is, without binarize_ste's check (which
+  # reads the kernel and copies it on every forward pass).
+  kernel_binarized: bool = False
 
   def __call__(self, lhs, rhs, *args, **kwargs):
     if self.binarize_inputs:
       lhs = sign_ste(lhs)
-    if self.binarize_kernel:
+    if self.binarize_kernel and not self.kernel_binarized:
       rhs = binarize_masked_ste(rhs) if self.masked else binarize_ste(rhs)
     return self.op(lhs, rhs, *args, **kwargs)
+
+
+def _mark_kernel_binarized(layer: nnx.Module) -> None:
+  """Lets a binary layer use its kernel as it is: a lab_optax optimizer keeps it binarized."""
+  name = "dot_general" if isinstance(layer, BinaryLinear) else "conv_general_dilated"
+  setattr(layer, name, dataclasses.replace(getattr(layer, name), kernel_binarized=True))
 
 
 def _as_binary_param(variable: nnx.Param, binarize_kernel: bool) -> nnx.Param:

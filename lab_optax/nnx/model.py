@@ -6,12 +6,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 from flax import nnx
 
 from lab_optax._src import packing
 from lab_optax._src.ste import binarize_ste
-from lab_optax._src.transform import binarize_params
-from lab_optax.nnx.layers import BinaryConv, BinaryLinear, BinaryParam
+from lab_optax._src.transform import binarize_params, latent_weights
+from lab_optax.nnx.layers import BinaryConv, BinaryLinear, BinaryParam, _mark_kernel_binarized
 
 
 def _is_variable(x: Any) -> bool:
@@ -60,13 +61,36 @@ def binarize_model(model: nnx.Module, optimizer: nnx.Optimizer) -> None:
   :func:`lab_optax.binarize_params` does for plain pytrees. It also restores
   the binarized weights from a restored optimizer state.
 
+  It also marks the binary layers whose kernels the optimizer binarizes: their
+  forward pass then uses the kernel as it is, without
+  :func:`lab_optax.binarize_ste`'s check that the kernel is binarized (a read
+  and a copy of every kernel on every step). Train such a model with that
+  optimizer only; a model trained with any other optimizer must not go through
+  ``binarize_model``.
+
   Args:
     model: the model the optimizer was built for.
     optimizer: an ``nnx.Optimizer`` whose ``tx`` is a lab_optax transformation
       (possibly inside optax wrappers).
   """
   params = nnx.as_pure(nnx.state(model, optimizer.wrt))
-  nnx.update(model, binarize_params(params, nnx.as_pure(optimizer.opt_state)))
+  opt_state = nnx.as_pure(optimizer.opt_state)
+  nnx.update(model, binarize_params(params, opt_state))
+  latent = latent_weights(opt_state)
+  binarized = {
+    tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path)
+    for path, w in jax.tree_util.tree_leaves_with_path(
+      latent, is_leaf=lambda x: isinstance(x, optax.MaskedNode)
+    )
+    if not isinstance(w, optax.MaskedNode)
+  }
+  for path, module in nnx.iter_modules(model):
+    if (
+      isinstance(module, BinaryLinear | BinaryConv)
+      and module.binarize_kernel
+      and (*path, "kernel") in binarized
+    ):
+      _mark_kernel_binarized(module)
 
 
 def _binary_state(model: nnx.Module) -> nnx.State:
