@@ -13,17 +13,18 @@ the latent weights, and temporaries of more than about 32 MB are fresh,
 page-faulting memory on every call: a 10M-weight step took six to eight times
 as long as Adam's.
 
-Here a ``fori_loop`` walks the rows of the leaf. Each block's moments and
-latent weights are written in place with ``dynamic_update_slice`` and read back
-from the state (see ``update_rows``), and the terms of ``alpha``'s sums are
-added into block-sized accumulators that are reduced once after the loop.
+Here Adam's moments are updated first, in place, by loops that XLA:CPU runs on
+all cores as Adam's own. Then a ``fori_loop`` walks the rows of the leaf: each
+block's latent weights are written in place with ``dynamic_update_slice`` and
+read back (see ``update_rows``), and the terms of ``alpha``'s sums are added
+into block-sized accumulators that are reduced once after the loop.
 Temporaries are a few blocks in size. The price: XLA:CPU runs an in-place
-``dynamic_update_slice`` on one thread, so the moments and latent weights are
-updated by one core where Adam's loops use all of them.
+``dynamic_update_slice`` on one thread, so the latent weights and the sums are
+done by one core where Adam's loops use all of them.
 
-Only float32 state qualifies, since the new moments and latent weights are read
-back from it. The results are the reference's up to the order of the additions
-in the sums.
+Only float32 state qualifies, since the new latent weights are read back from
+it. The results are the reference's up to the order of the additions in the
+sums.
 """
 
 from __future__ import annotations
@@ -36,10 +37,10 @@ from lab_optax._src import projections
 
 # Largest row block, in elements (64 KiB of float32). From 2**15 elements up,
 # XLA:CPU splits the loop body's accumulator fusion over two threads
-# (``outer_dimension_partitions`` in the compiled HLO), a dispatch per block.
-# Depending on the machine's state that made the step faster or much slower
-# than 2**14, which stays single-threaded and ran within 6% in all states
-# (``python benchmarks/bench_optimizer.py --part blocks``, docs/results.md).
+# (``outer_dimension_partitions`` in the compiled HLO), a dispatch per block,
+# which made the step up to 1.5x slower when the second core was free; 2**14
+# was the fastest block size in the sweeps of
+# ``python benchmarks/bench_optimizer.py --part blocks`` in docs/results.md.
 # Smaller blocks pay more per iteration.
 BLOCK_ELEMENTS = 1 << 14
 # Rows longer than this keep the reference update (a block is at least one row).
@@ -145,51 +146,51 @@ def update_binarized(
   # Without eps, sum(d) can be zero and alpha falls back to mean(|w|), as in lab_scale.
   names = _SUMS[scale_fn] + (("w",) if scale_fn is projections.lab_scale and guard_zero_d else ())
 
-  def update_rows(start, size, m, v, w):
-    """Updates rows ``start:start + size``; returns the state and the rows' terms of the sums."""
+  # The moments need nothing but the gradient: XLA:CPU updates them in place
+  # with loops that use every core, as Adam's, before the loop below.
+  g32 = g.astype(jnp.float32)
+  m = b1 * m + (1 - b1) * g32
+  v = b2 * v + (1 - b2) * g32 * g32
+
+  def update_rows(start, size, w):
+    """Updates rows ``start:start + size`` of ``w``; returns it and the rows' terms of the sums."""
 
     def rows_of(x):
       return lax.dynamic_slice_in_dim(x, start, size)
 
-    def write(x, block):
-      return lax.dynamic_update_slice_in_dim(x, block, start, 0)
-
-    g32 = rows_of(g).astype(jnp.float32)
-    m = write(m, b1 * rows_of(m) + (1 - b1) * g32)
-    v = write(v, b2 * rows_of(v) + (1 - b2) * g32 * g32)
-    # The new moments and latent weights are read back from the state instead
-    # of reused: XLA:CPU would recompute them from the old rows in each later
-    # loop, so the old rows would have to outlive the in-place write, and it
-    # would copy the whole state on every iteration to keep them.
     d = jnp.sqrt(rows_of(v) / bc2) + eps
     step = (rows_of(m) / bc1) / (jnp.where(d > 0, d, 1) if guard_zero_d else d)
     new_w = rows_of(w) - learning_rate * step
     if clip is not None:
       new_w = jnp.clip(new_w, -clip, clip)
-    w = write(w, new_w)
+    w = lax.dynamic_update_slice_in_dim(w, new_w, start, 0)
     if not names:  # BinaryConnect: alpha = 1
-      return m, v, w, jnp.zeros((0, size, cols), jnp.float32)
+      return w, jnp.zeros((0, size, cols), jnp.float32)
+    # The new latent weights are read back from w instead of reused: XLA:CPU
+    # would recompute the clip from the old rows in the loop that adds up the
+    # terms, so the old rows would have to outlive the in-place write, and it
+    # would copy the whole leaf on every iteration to keep them.
     abs_w = jnp.abs(rows_of(w))
     terms = {"d": lambda: d, "dw": lambda: d * abs_w, "w": lambda: abs_w}
-    return m, v, w, jnp.stack([terms[name]() for name in names])
+    return w, jnp.stack([terms[name]() for name in names])
 
   # At least two blocks: XLA inlines a loop of one iteration, and then no longer
-  # updates the state in place.
+  # updates the latent weights in place.
   block_rows = max(1, min(block // cols, rows // 2))
   count, tail = divmod(rows, block_rows)
 
   # The terms are added up elementwise and reduced once after the loop: a
   # reduction in the loop costs a dispatch to the thread pool per block.
   def body(i, carry):
-    m, v, w, acc = carry
-    m, v, w, terms = update_rows(i * block_rows, block_rows, m, v, w)
-    return m, v, w, acc + terms
+    w, acc = carry
+    w, terms = update_rows(i * block_rows, block_rows, w)
+    return w, acc + terms
 
   acc = jnp.zeros((len(names), block_rows, cols), jnp.float32)
-  m, v, w, acc = lax.fori_loop(0, count, body, (m, v, w, acc))
+  w, acc = lax.fori_loop(0, count, body, (w, acc))
   sums = jnp.sum(acc, axis=1)
   if tail:
-    m, v, w, terms = update_rows(count * block_rows, tail, m, v, w)
+    w, terms = update_rows(count * block_rows, tail, w)
     sums = sums + jnp.sum(terms, axis=1)
   sums = dict(zip(names, sums if per_channel else jnp.sum(sums, axis=1)))
 
