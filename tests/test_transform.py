@@ -347,6 +347,22 @@ def test_apply_updates_lands_exactly_on_alpha_for_large_changes(dtype):
   assert np.all(error[drops] <= bound[drops])
 
 
+def test_tiny_alphas_drop_without_nan():
+  from lab_optax._src.transform import _representable_alpha
+
+  old = jnp.array([1e-33, 1e-31, 2e-38, 1e-20], jnp.float32)
+  alpha = _representable_alpha(old * 1e-3, old, jnp.float32)
+  assert bool(jnp.all(jnp.isfinite(alpha)))
+  params = {"w": jnp.full((4, 4), 1e-33, jnp.float32).at[0, 0].set(1e-32)}
+  tx = lab_optax.bwn(1e-33, clip=None)
+  state = tx.init(params)
+  params = lab_optax.binarize_params(params, state)
+  updates, state = tx.update({"w": jnp.ones((4, 4))}, state, params)
+  params = optax.apply_updates(params, updates)
+  assert bool(jnp.all(jnp.isfinite(params["w"])))
+  assert_two_values(params, state)
+
+
 def test_alpha_follows_the_closed_form_when_it_drops_more_than_2x():
   """Curvature concentrated on a few small weights: LAB's alpha drops far in one step."""
   w = np.full((8, 8), 0.375, np.float32) * np.where(np.arange(64).reshape(8, 8) % 2, 1, -1)

@@ -23,8 +23,9 @@ Temporaries are a few blocks in size. The price: XLA:CPU runs an in-place
 done by one core where Adam's loops use all of them.
 
 Only float32 state qualifies, since the new latent weights are read back from
-it. The results are the reference's up to the order of the additions in the
-sums.
+it. The results are the reference's up to rounding: the order of the additions
+in the sums, and now and then the last bit of a moment (the two paths are
+different XLA programs).
 """
 
 from __future__ import annotations
@@ -142,56 +143,63 @@ def update_binarized(
   shape = w.shape
   cols = shape[-1]
   rows = w.size // cols
-  g, m, v, w = (x.reshape(rows, cols) for x in (g, m, v, w))
-  # Without eps, sum(d) can be zero and alpha falls back to mean(|w|), as in lab_scale.
-  names = _SUMS[scale_fn] + (("w",) if scale_fn is projections.lab_scale and guard_zero_d else ())
-
   # The moments need nothing but the gradient: XLA:CPU updates them in place
-  # with loops that use every core, as Adam's, before the loop below.
+  # with loops that use every core, as Adam's, before the loop below. In the
+  # leaf's own shape: computed on a reshaped view, they were copied back.
   g32 = g.astype(jnp.float32)
   m = b1 * m + (1 - b1) * g32
   v = b2 * v + (1 - b2) * g32 * g32
+  new_m, new_v = m, v
+  m, v, w = (x.reshape(rows, cols) for x in (m, v, w))
+  # Without eps, sum(d) can be zero and alpha falls back to mean(|w|), as in lab_scale.
+  names = _SUMS[scale_fn] + (("w",) if scale_fn is projections.lab_scale and guard_zero_d else ())
 
-  def update_rows(start, size, w):
-    """Updates rows ``start:start + size`` of ``w``; returns it and the rows' terms of the sums."""
+  # At least two blocks: XLA inlines a loop of one iteration, and then no longer
+  # updates the latent weights in place.
+  block_rows = max(1, min(block // cols, rows // 2))
+  count = -(-rows // block_rows)
+
+  def update_block(i, w):
+    """Updates block ``i`` of ``w``; returns it and the block's terms of the sums.
+
+    The last block ends at the last row: where ``block_rows`` does not divide
+    the rows it overlaps the one before, and the rows already updated are
+    written back unchanged and left out of the sums. (A separate partial block
+    after the loop made XLA copy the leaf.)
+    """
+    start = jnp.minimum(i * block_rows, rows - block_rows)
+    fresh = (start + lax.broadcasted_iota(jnp.int32, (block_rows, 1), 0)) >= i * block_rows
 
     def rows_of(x):
-      return lax.dynamic_slice_in_dim(x, start, size)
+      return lax.dynamic_slice_in_dim(x, start, block_rows)
 
     d = jnp.sqrt(rows_of(v) / bc2) + eps
     step = (rows_of(m) / bc1) / (jnp.where(d > 0, d, 1) if guard_zero_d else d)
-    new_w = rows_of(w) - learning_rate * step
+    old_w = rows_of(w)
+    new_w = old_w - learning_rate * step
     if clip is not None:
       new_w = jnp.clip(new_w, -clip, clip)
-    w = lax.dynamic_update_slice_in_dim(w, new_w, start, 0)
+    w = lax.dynamic_update_slice_in_dim(w, jnp.where(fresh, new_w, old_w), start, 0)
     if not names:  # BinaryConnect: alpha = 1
-      return w, jnp.zeros((0, size, cols), jnp.float32)
+      return w, jnp.zeros((0, block_rows, cols), jnp.float32)
     # The new latent weights are read back from w instead of reused: XLA:CPU
     # would recompute the clip from the old rows in the loop that adds up the
     # terms, so the old rows would have to outlive the in-place write, and it
     # would copy the whole leaf on every iteration to keep them.
     abs_w = jnp.abs(rows_of(w))
     terms = {"d": lambda: d, "dw": lambda: d * abs_w, "w": lambda: abs_w}
-    return w, jnp.stack([terms[name]() for name in names])
-
-  # At least two blocks: XLA inlines a loop of one iteration, and then no longer
-  # updates the latent weights in place.
-  block_rows = max(1, min(block // cols, rows // 2))
-  count, tail = divmod(rows, block_rows)
+    return w, jnp.where(fresh, jnp.stack([terms[name]() for name in names]), 0.0)
 
   # The terms are added up elementwise and reduced once after the loop: a
   # reduction in the loop costs a dispatch to the thread pool per block.
   def body(i, carry):
     w, acc = carry
-    w, terms = update_rows(i * block_rows, block_rows, w)
+    w, terms = update_block(i, w)
     return w, acc + terms
 
   acc = jnp.zeros((len(names), block_rows, cols), jnp.float32)
   w, acc = lax.fori_loop(0, count, body, (w, acc))
   sums = jnp.sum(acc, axis=1)
-  if tail:
-    w, terms = update_rows(count * block_rows, tail, w)
-    sums = sums + jnp.sum(terms, axis=1)
   sums = dict(zip(names, sums if per_channel else jnp.sum(sums, axis=1)))
 
   n = rows if per_channel else rows * cols
@@ -204,4 +212,4 @@ def update_binarized(
     alpha = sums["dw"] / jnp.where(positive, sums["d"], 1)
     if guard_zero_d:
       alpha = jnp.where(positive, alpha, sums["w"] / n)
-  return m.reshape(shape), v.reshape(shape), w.reshape(shape), alpha
+  return new_m, new_v, w.reshape(shape), alpha

@@ -82,19 +82,28 @@ def _representable_alpha(alpha: jax.Array, alpha_old: jax.Array, dtype: Any) -> 
     is a multiple of it below ``2 ** (P - 1)`` times it, so representable. The
     relative rounding is ``(alpha_old / alpha) * 2 ** -(B + 1)`` at most
     (``3e-5`` for a 100x drop in float32); in bfloat16 a drop of more than
-    ``2 ** B = 64``x takes more than one step;
+    ``2 ** B = 64``x takes more than one step, and below ``alpha_old`` of
+    about ``1e-31`` (where that bit is not a normal float32) alpha halves per
+    step at most;
   * larger than ``2 * alpha_old``, alpha grows by a factor of two per step: a
     sign flip from ``-alpha_old`` to ``+alpha`` is not exact beyond it.
 
   So every binarized leaf holds exactly the two values ``+-alpha`` after every
-  step.
+  step (in float16, for alphas in its normal range, above ``6e-5``).
   """
   bits = jnp.finfo(dtype).nmant + 1 - 2
   alpha = jnp.where(alpha_old > 0, jnp.minimum(alpha, alpha_old * 2.0), alpha)
   rounded = _round_significand(alpha, dtype)
   _, exponent = jnp.frexp(alpha_old)
   quantum = jnp.ldexp(jnp.ones_like(alpha_old), exponent - bits)  # alpha_old's last kept bit
-  shrunk = jnp.maximum(jnp.round(alpha / quantum), 1.0) * quantum
+  # Below float32's smallest normal number the quantum flushes to zero on some
+  # backends: there alpha halves per step at most, as it grows.
+  normal = quantum >= jnp.finfo(jnp.float32).tiny
+  shrunk = jnp.where(
+    normal,
+    jnp.maximum(jnp.round(alpha / jnp.where(normal, quantum, 1.0)), 1.0) * quantum,
+    _round_significand(jnp.maximum(alpha, alpha_old * 0.5), dtype),
+  )
   return jnp.where((alpha_old > 0) & (alpha < alpha_old * 0.5), shrunk, rounded)
 
 
