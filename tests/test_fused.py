@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from test_transform import assert_two_values
+from test_transform import assert_two_values, train_steps
 
 import lab_optax
 from lab_optax._src import fused
@@ -244,21 +244,8 @@ def loss_fn(params, x):
 def train(tx, steps=8, grad_transform=lambda g, i: g):
   """Gradients of a loss at the current params, as in training."""
   params = make_params({"dense": (40, 24), "out": (24, 3), "bias": (3,)})
-  state = tx.init(params)
-  params = lab_optax.binarize_params(params, state)
   x = jax.random.normal(jax.random.key(5), (16, 40))
-
-  @functools.partial(jax.jit, donate_argnums=(0, 1))
-  def step(params, state, i):
-    g = grad_transform(jax.grad(loss_fn)(params, x), i)
-    updates, state = tx.update(g, state, params)
-    return optax.apply_updates(params, updates), state
-
-  history = []
-  for i in range(steps):
-    params, state = step(params, state, i)
-    history.append(jax.tree.map(np.asarray, (params, state)))
-  return history
+  return train_steps(tx, params, loss_fn, x, steps, grad_transform)[2]
 
 
 def poison(g, i):

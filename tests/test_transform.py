@@ -186,23 +186,32 @@ def float_params():
   return params
 
 
-def run(tx, steps=6, params=None, grad_transform=lambda g, i: g):
-  params = float_params() if params is None else params
+def train_steps(tx, params, loss, x, steps, grad_transform=lambda g, i: g):
+  """Jitted, donated steps of ``loss``'s gradient from the t = 1 projection.
+
+  Returns the last params and state, and the history of (params, state) as numpy.
+  """
   state = tx.init(params)
   params = lab_optax.binarize_params(params, state)
-  x = jnp.asarray(np.random.default_rng(3).normal(size=(8, 6)), jnp.float32)
 
   @functools.partial(jax.jit, donate_argnums=(0, 1))
   def step(params, state, i):
-    g = grad_transform(jax.grad(loss_fn)(params, x), i)
+    g = grad_transform(jax.grad(loss)(params, x), i)
     updates, state = tx.update(g, state, params)
     return optax.apply_updates(params, updates), state
 
   history = []
   for i in range(steps):
     params, state = step(params, state, i)
-    history.append(jax.tree.map(np.asarray, params))
+    history.append(jax.tree.map(np.asarray, (params, state)))
   return params, state, history
+
+
+def run(tx, steps=6, params=None, grad_transform=lambda g, i: g):
+  params = float_params() if params is None else params
+  x = jnp.asarray(np.random.default_rng(3).normal(size=(8, 6)), jnp.float32)
+  params, state, history = train_steps(tx, params, loss_fn, x, steps, grad_transform)
+  return params, state, [p for p, _ in history]
 
 
 def test_jit_with_donated_buffers_matches_eager():
