@@ -145,6 +145,8 @@ def test_lstm_on_a_text_file_and_a_directory(tmp_path, capsys):
     (["lstm", "--text", "{tmp}/short.txt"], "--batch-size 50 x --timesteps 100"),
     (["mlp", "--resume"], "--resume needs --checkpoint-dir"),
     (["mlp", "--devices", "64"], "--devices 64"),
+    # --devices is checked before any data are read.
+    (["lstm", "--text", "{tmp}/missing.txt", "--devices", "64"], "--devices 64"),
     (["mlp", "--epochs", "0"], "positive integer"),
     (["mlp", "--lr", "0"], "--lr: must be a positive finite number, got 0"),
     (["cnn", "--lr", "-1"], "positive finite number"),
@@ -363,6 +365,22 @@ def test_checkpoints_resume_a_finished_run_and_refuse_other_settings(tmp_path, c
   assert status == 2 and "epochs" in err
   status, _, err = run_cli([*base, "--epochs", "2", "--checkpoint-dir", str(ckpt)], capsys)
   assert status == 2 and "--resume" in err
+
+
+def test_resume_of_nothing_says_so_and_a_diverged_run_stays_stopped(tmp_path, capsys):
+  ckpt, out = tmp_path / "ckpt", tmp_path / "out"
+  args = ["mlp", "--hidden", "8", "--methods", "fp", "--epochs", "3", "--lr", "1e30"]
+  args += ["--out", str(out), "--no-progress", "--checkpoint-dir", str(ckpt), "--resume"]
+  # Nothing to resume yet: the run starts afresh, and says so.
+  status, _, err = run_cli(args, capsys)
+  assert status == 0 and "no finished epoch" in err and "starting afresh" in err
+  # A learning rate of 1e30 diverges in the first epoch and the run stops there.
+  first = load_results(out)["results"][0]
+  assert len(first["train_loss_curve"]) == 1 and not np.isfinite(first["train_loss_curve"][0])
+  # Resuming it does not train on from NaN weights: it stays as it stopped.
+  status, _, err = run_cli(args, capsys)
+  assert status == 0 and "starting afresh" not in err
+  assert len(load_results(out)["results"][0]["train_loss_curve"]) == 1
 
 
 def test_killed_run_resumes_to_the_same_result(tmp_path):

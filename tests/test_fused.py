@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from test_transform import assert_two_values, train_steps
 
 import lab_optax
@@ -201,6 +203,28 @@ def test_automatic_choice():
     compare(make_tx, big, gradient_sequence(big, 5))
   with pytest.raises(ValueError, match="implementation"):
     lab_optax.lab(0.1, implementation="fast")
+
+
+@given(st.lists(st.integers(-(2**31), 2**31 - 1), min_size=1, max_size=3))
+def test_one_after_is_one_whatever_the_bits(bits):
+  # NaN, infinities, zeros of both signs and subnormals included: the
+  # dependency it adds must never change a value.
+  arrays = [jax.lax.bitcast_convert_type(jnp.full((2, 3), b, jnp.int32), jnp.float32) for b in bits]
+  one = jax.jit(fused._one_after)(*arrays)
+  assert one.dtype == jnp.int32 and int(one) == 1
+
+
+@pytest.mark.parametrize("count", [0, 1, 2, 3])
+def test_pack_and_unpack_keep_every_term(count):
+  terms = [jnp.full((2, 3), float(i + 1)) for i in range(count)]
+  acc = fused._pack(terms)
+  assert len(acc) == (count + 1) // 2
+  assert [a.dtype for a in acc] == [jnp.complex64] * (count // 2) + [jnp.float32] * (count % 2)
+  unpacked = fused._unpack(acc)
+  assert len(unpacked) == count
+  for got, want in zip(unpacked, terms):
+    assert got.dtype == jnp.float32
+    np.testing.assert_array_equal(got, want)
 
 
 def test_blocks_shrink_with_many_leaves():

@@ -14,18 +14,37 @@ page-faulting memory on every call: a 10M-weight step took six to eight times
 as long as Adam's.
 
 Here Adam's moments are updated first, in place, by loops that XLA:CPU runs on
-all cores as Adam's own. Then a ``fori_loop`` walks the rows of the leaf: each
+all cores as Adam's own. Then a ``while_loop`` walks the rows of the leaf: each
 block's latent weights are written in place with ``dynamic_update_slice`` and
-read back (see ``update_rows``), and the terms of ``alpha``'s sums are added
-into block-sized accumulators that are reduced once after the loop.
-Temporaries are a few blocks in size. The price: XLA:CPU runs an in-place
-``dynamic_update_slice`` on one thread, so the latent weights and the sums are
-done by one core where Adam's loops use all of them.
+read back, and the terms of ``alpha``'s sums are added into block-sized
+accumulators that the loop carries and that are reduced once after it.
+Temporaries are a few blocks in size.
+
+XLA:CPU runs an in-place ``dynamic_update_slice`` on one thread, but its
+runtime runs independent parts of a program at the same time, one leaf's loop
+beside another's, when no buffer is shared between them. The loop is written
+so that none is:
+
+- nothing in the loop's body lives outside its carry: the counter is advanced
+  after every read of the old one (else XLA keeps a copy in a temporary),
+  the row index is unsigned (a signed one is clamped into a temporary), ``d``
+  is computed in the fused loop of each accumulator instead of once (the
+  ``sqrt`` would be kept in a temporary), and two terms of the sums share one
+  complex64 accumulator (a stack of them would read that temporary);
+- the loop's inputs are computed from this leaf's moments, so the loop becomes
+  ready on the thread that finished them rather than, with all the others, on
+  the thread that computed a shared input last.
+
+XLA reuses the memory of a temporary once it is dead in its sequential order
+of the program, which would make the next leaf's loop wait for this one. This
+took the 10M-parameter step from 2.1x Adam's time to 1.5x on two cores
+(docs/results.md); the results do not depend on it.
 
 Only float32 state qualifies, since the new latent weights are read back from
 it. The results are the reference's up to rounding: the order of the additions
-in the sums, and now and then the last bit of a moment (the two paths are
-different XLA programs).
+in the sums, the bias corrections applied as factors rather than divisors, and
+now and then the last bit of a moment (the two paths are different XLA
+programs).
 """
 
 from __future__ import annotations
@@ -87,9 +106,48 @@ def supports(scale_fn, m: jax.Array, v: jax.Array, w: jax.Array) -> bool:
   return w.size // cols >= 2 and cols <= MAX_ROW_ELEMENTS
 
 
+def _one_after(*arrays: jax.Array) -> jax.Array:
+  """An int32 1 that XLA computes only after ``arrays``: an order without a value.
+
+  ``min(1, (bits & 0x7fffffff) | 1)`` of one element of each array is 1
+  whatever the bits, which XLA does not see, so it keeps the dependency.
+  Explicitly sharded arrays give no dependency: they are not the single-device
+  case that the dependencies are for.
+  """
+  one = jnp.int32(1)
+  for x in arrays:
+    spec = getattr(jax.typeof(x).sharding, "spec", ())
+    if any(axis is not None for axis in spec):
+      continue  # an element of an explicitly sharded array cannot be sliced out
+    bits = lax.bitcast_convert_type(jnp.real(x).reshape(-1)[0], jnp.int32)
+    one = jnp.minimum(one, (bits & 0x7FFFFFFF) | 1)
+  return one
+
+
+def _pack(terms: list[jax.Array]) -> tuple[jax.Array, ...]:
+  """The float32 terms of the sums, two by two as the real and imaginary parts of complex64.
+
+  Each accumulator is updated by its own fused loop, which computes ``d``
+  itself. A stack of the terms in one accumulator would be a single loop too,
+  but XLA:CPU then reads ``d`` from a temporary, which ties the leaves' loops
+  together (see the module docstring).
+  """
+  pairs = [lax.complex(a, b) for a, b in zip(terms[0::2], terms[1::2])]
+  return tuple(pairs + terms[len(pairs) * 2 :])
+
+
+def _unpack(acc: tuple[jax.Array, ...]) -> list[jax.Array]:
+  """The accumulators of :func:`_pack` as float32 arrays, one per term."""
+  out = []
+  for a in acc:
+    out += [jnp.real(a), jnp.imag(a)] if jnp.iscomplexobj(a) else [a]
+  return out
+
+
 def block_elements(leaves: int) -> int:
   """Elements per row block when ``leaves`` binarized leaves are updated by blocks."""
-  # Per leaf: the block of d and at most three accumulators, float32.
+  # Per leaf, per element of a block: at most three float32 terms of the sums
+  # (in accumulators carried by the loop) and one temporary.
   return max(1, min(BLOCK_ELEMENTS, TEMP_BYTES // (16 * max(leaves, 1))))
 
 
@@ -113,8 +171,9 @@ def update_binarized(
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """Adam, the clip and ``alpha``'s sums for one binarized leaf, by row blocks.
 
-  The arithmetic is the reference's (``projected_adam`` in ``transform.py``);
-  only the order of the additions in the sums differs. For leaves that
+  The arithmetic is the reference's (``projected_adam`` in ``transform.py``)
+  up to rounding: the order of the additions in the sums differs, and the bias
+  corrections are applied as factors computed once. For leaves that
   :func:`supports` accepts.
 
   Args:
@@ -154,53 +213,78 @@ def update_binarized(
   # Without eps, sum(d) can be zero and alpha falls back to mean(|w|), as in lab_scale.
   names = _SUMS[scale_fn] + (("w",) if scale_fn is projections.lab_scale and guard_zero_d else ())
 
+  # Everything the loop reads besides the moments is made to depend on them,
+  # the scalars included (computed per leaf from these copies of the bias
+  # corrections), so the loop becomes ready on the thread that finished this
+  # leaf's moments: shared inputs would make all loops ready at once on the
+  # thread that computed them last, which runs them one after the other.
+  one = _one_after(new_m, new_v)
+  zero = one - 1
+  bc1 = bc1 * one.astype(bc1.dtype)
+  bc2 = bc2 * one.astype(bc2.dtype)
+  # A loop runs on one thread and its time goes mostly to the sqrt and the
+  # divide per element. The reference divides by the bias corrections as well,
+  # two more divides per element: the loop multiplies by factors computed once
+  # instead, which made the step 6% to 8% faster (docs/results.md) and changes
+  # the last bit of d and of the step now and then.
+  lr_bc1 = learning_rate / bc1
+  inv_sqrt_bc2 = 1 / jnp.sqrt(bc2)
+  inv_bc2 = 1 / bc2
+
   # At least two blocks: XLA inlines a loop of one iteration, and then no longer
   # updates the latent weights in place.
   block_rows = max(1, min(block // cols, rows // 2))
   count = -(-rows // block_rows)
+  # Where block_rows does not divide the rows, the last block ends at the last
+  # row and overlaps the one before: its rows already updated are written back
+  # unchanged and left out of the sums. (A separate partial block after the
+  # loop made XLA copy the leaf.)
+  overlap = rows % block_rows != 0
 
-  def update_block(i, w):
-    """Updates block ``i`` of ``w``; returns it and the block's terms of the sums.
-
-    The last block ends at the last row: where ``block_rows`` does not divide
-    the rows it overlaps the one before, and the rows already updated are
-    written back unchanged and left out of the sums. (A separate partial block
-    after the loop made XLA copy the leaf.)
-    """
-    start = jnp.minimum(i * block_rows, rows - block_rows)
-    fresh = (start + lax.broadcasted_iota(jnp.int32, (block_rows, 1), 0)) >= i * block_rows
+  def body(carry):
+    """Updates the block of ``block_rows`` rows at ``start``, adds its terms to the sums."""
+    i, start, w, acc, _ = carry
 
     def rows_of(x):
       return lax.dynamic_slice_in_dim(x, start, block_rows)
 
-    d = jnp.sqrt(rows_of(v) / bc2) + eps
-    step = (rows_of(m) / bc1) / (jnp.where(d > 0, d, 1) if guard_zero_d else d)
+    fresh = (start + lax.broadcasted_iota(jnp.uint32, (block_rows, 1), 0)) >= i * block_rows
+    d = jnp.sqrt(rows_of(v)) * inv_sqrt_bc2 + eps
     old_w = rows_of(w)
-    new_w = old_w - learning_rate * step
+    new_w = old_w - rows_of(m) * lr_bc1 / (jnp.where(d > 0, d, 1) if guard_zero_d else d)
     if clip is not None:
       new_w = jnp.clip(new_w, -clip, clip)
-    w = lax.dynamic_update_slice_in_dim(w, jnp.where(fresh, new_w, old_w), start, 0)
-    if not names:  # BinaryConnect: alpha = 1
-      return w, jnp.zeros((0, block_rows, cols), jnp.float32)
-    # The new latent weights are read back from w instead of reused: XLA:CPU
-    # would recompute the clip from the old rows in the loop that adds up the
-    # terms, so the old rows would have to outlive the in-place write, and it
-    # would copy the whole leaf on every iteration to keep them.
-    abs_w = jnp.abs(rows_of(w))
-    terms = {"d": lambda: d, "dw": lambda: d * abs_w, "w": lambda: abs_w}
-    return w, jnp.where(fresh, jnp.stack([terms[name]() for name in names]), 0.0)
+    w = lax.dynamic_update_slice_in_dim(
+      w, jnp.where(fresh, new_w, old_w) if overlap else new_w, start, 0
+    )
+    if names:
+      # The new latent weights are read back from w instead of reused: XLA:CPU
+      # would recompute the clip from the old rows in the loop that adds up
+      # the terms, so the old rows would have to outlive the in-place write,
+      # and it would copy the whole leaf on every iteration to keep them. d is
+      # computed again, in another form so that XLA does not merge the two and
+      # keep d in a temporary (see _pack).
+      abs_w = jnp.abs(rows_of(w))
+      d = jnp.sqrt(rows_of(v) * inv_bc2) + eps
+      terms = {"d": lambda: d, "dw": lambda: d * abs_w, "w": lambda: abs_w}
+      terms = [terms[name]() for name in names]
+      if overlap:
+        terms = [jnp.where(fresh, t, 0.0) for t in terms]
+      acc = tuple(a + t for a, t in zip(acc, _pack(terms)))
+    # The counter is advanced after every read of the old one: XLA would
+    # otherwise keep a copy of it in a temporary. The row index is unsigned:
+    # dynamic_slice clamps a signed one, in another temporary.
+    i = (i + 1) * _one_after(w, *acc)
+    return i, jnp.minimum(i * block_rows, rows - block_rows).astype(jnp.uint32), w, acc, i < count
 
-  # The terms are added up elementwise and reduced once after the loop: a
-  # reduction in the loop costs a dispatch to the thread pool per block.
-  def body(i, carry):
-    w, acc = carry
-    w, terms = update_block(i, w)
-    return w, acc + terms
-
-  acc = jnp.zeros((len(names), block_rows, cols), jnp.float32)
-  w, acc = lax.fori_loop(0, count, body, (w, acc))
-  sums = jnp.sum(acc, axis=1)
-  sums = dict(zip(names, sums if per_channel else jnp.sum(sums, axis=1)))
+  acc = _pack([jnp.full((block_rows, cols), zero, jnp.float32)] * len(names))
+  init = (zero, zero.astype(jnp.uint32), w, acc, one > 0)
+  _, _, w, acc, _ = lax.while_loop(lambda carry: carry[-1], body, init)
+  sums = {}
+  acc = tuple(jnp.sum(a, axis=0) for a in acc)
+  if not per_channel:
+    acc = tuple(jnp.sum(a) for a in acc)
+  sums = dict(zip(names, _unpack(acc)))
 
   n = rows if per_channel else rows * cols
   if scale_fn is projections.binary_connect_scale:

@@ -222,7 +222,8 @@ def projected_adam(
       gradient, see :func:`binarize_params`); ``None`` uses ``scale_fn`` with
       constant ``d``.
     implementation: how binarized leaves are updated; the results agree up to
-      the order of the additions in ``alpha``'s sums. ``"reference"``: the
+      rounding (the order of the additions in ``alpha``'s sums, the last bit
+      of ``d`` and of the step now and then). ``"reference"``: the
       update equations as elementwise ``jnp`` code. ``"blocked"``: a loop over
       row blocks that updates the state in place, for the three built-in
       scale functions and float32 state (other leaves get the reference); it

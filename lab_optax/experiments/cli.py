@@ -450,14 +450,14 @@ def _run(args: argparse.Namespace) -> int:
 
   if args.resume and args.checkpoint_dir is None:
     raise UsageError("--resume needs --checkpoint-dir DIR")
+  try:  # before the data are loaded: a wrong --devices fails at once
+    mesh = train.make_mesh(args.devices)
+  except ValueError as e:
+    raise UsageError(str(e)) from None
   if args.experiment == "lstm":
     task_for, config, paper = _lstm_experiment(args)
   else:
     task_for, config, paper = _image_experiment(args)
-  try:
-    mesh = train.make_mesh(args.devices)
-  except ValueError as e:
-    raise UsageError(str(e)) from None
   devices = mesh.devices.size
   if config["batch_size"] % devices:
     raise UsageError(
@@ -476,6 +476,11 @@ def _run(args: argparse.Namespace) -> int:
   out = args.out or Path("runs") / args.experiment
   if args.checkpoint_dir is not None:
     _check_checkpoint_config(args.checkpoint_dir, config, args.resume)
+    if args.resume and not _has_finished_runs(args.checkpoint_dir):
+      print(
+        f"lab-optax: --resume: no finished epoch in {args.checkpoint_dir}, starting afresh",
+        file=sys.stderr,
+      )
 
   records = []
   for name in args.methods:
@@ -553,7 +558,7 @@ def _check_checkpoint_config(directory: Path, config: dict[str, Any], resume: bo
   saved_path = directory / "config.json"
   # Only runs that finished an epoch count: a run that failed before its first checkpoint (or
   # orbax's temporary directory of an interrupted save) holds nothing to resume or protect.
-  if directory.is_dir() and any(_has_finished_step(p) for p in directory.iterdir()):
+  if _has_finished_runs(directory):
     if not resume:
       raise UsageError(
         f"--checkpoint-dir {directory} already holds runs: pass --resume to continue them, "
@@ -571,6 +576,11 @@ def _check_checkpoint_config(directory: Path, config: dict[str, Any], resume: bo
           f"({', '.join(diff)}); use the same flags or another --checkpoint-dir"
         )
   _write_atomic(saved_path, lambda f: f.write(json.dumps(wanted, indent=2).encode()))
+
+
+def _has_finished_runs(directory: Path) -> bool:
+  """Whether a run in ``directory`` saved at least one finished epoch."""
+  return directory.is_dir() and any(_has_finished_step(p) for p in directory.iterdir())
 
 
 def _has_finished_step(run_dir: Path) -> bool:

@@ -322,6 +322,8 @@ def run(
       start_epoch, state, meta = restored
       state = jax.device_put(state, replicated)
       curves, wall = meta["curves"], meta["wall_time_s"]
+      if curves["train_loss"] and not math.isfinite(curves["train_loss"][-1]):
+        start_epoch = epochs  # it had diverged and stopped: resuming does not train on NaN
 
   bar = None
   if progress is not None:
