@@ -280,7 +280,6 @@ def update_binarized(
   acc = _pack([jnp.full((block_rows, cols), zero, jnp.float32)] * len(names))
   init = (zero, zero.astype(jnp.uint32), w, acc, one > 0)
   _, _, w, acc, _ = lax.while_loop(lambda carry: carry[-1], body, init)
-  sums = {}
   acc = tuple(jnp.sum(a, axis=0) for a in acc)
   if not per_channel:
     acc = tuple(jnp.sum(a) for a in acc)
