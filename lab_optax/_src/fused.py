@@ -36,9 +36,10 @@ so that none is:
   the thread that computed a shared input last.
 
 XLA reuses the memory of a temporary once it is dead in its sequential order
-of the program, which would make the next leaf's loop wait for this one. This
-took the 10M-parameter step from 2.1x Adam's time to 1.5x on two cores
-(docs/results.md); the results do not depend on it.
+of the program, which would make the next leaf's loop wait for this one; for
+the same reason the shared bias corrections are kept alive until after the
+loop. This took the 10M-parameter step from 2.1x Adam's time to 1.4x on two
+cores (docs/results.md); the results do not depend on it.
 
 Only float32 state qualifies, since the new latent weights are read back from
 it. The results are the reference's up to rounding: the order of the additions
@@ -220,6 +221,10 @@ def update_binarized(
   # thread that computed them last, which runs them one after the other.
   one = _one_after(new_m, new_v)
   zero = one - 1
+  # The shared bias corrections are read once more after the loop (see the
+  # end): the memory of a value dead early is given to a later temporary, here
+  # another leaf's scalar, which then waits for every read of the first.
+  keep_alive = bc1, bc2
   bc1 = bc1 * one.astype(bc1.dtype)
   bc2 = bc2 * one.astype(bc2.dtype)
   # A loop runs on one thread and its time goes mostly to the sqrt and the
@@ -295,4 +300,5 @@ def update_binarized(
     alpha = sums["dw"] / jnp.where(positive, sums["d"], 1)
     if guard_zero_d:
       alpha = jnp.where(positive, alpha, sums["w"] / n)
+  alpha = alpha * _one_after(*keep_alive).astype(alpha.dtype)
   return new_m, new_v, w.reshape(shape), alpha
