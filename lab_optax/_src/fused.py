@@ -38,14 +38,30 @@ so that none is:
 XLA reuses the memory of a temporary once it is dead in its sequential order
 of the program, which would make the next leaf's loop wait for this one; for
 the same reason the shared bias corrections are kept alive until after the
-loop. This took the 10M-parameter step from 2.1x Adam's time to 1.4x on two
-cores (docs/results.md); the results do not depend on it.
+loop. This took the 10M-parameter step from 2.1x Adam's time to 1.4x to 1.55x
+on two cores (docs/results.md); the results do not depend on it. The
+dependencies are exact ones, and under ``jax.vmap`` the counter's stays
+unbatched (see :func:`_one_after`). The loop has no reverse-mode derivative:
+``transform.py`` differentiates it as the reference.
 
-Only float32 state qualifies, since the new latent weights are read back from
-it. The results are the reference's up to rounding: the order of the additions
-in the sums, the bias corrections applied as factors rather than divisors, and
-now and then the last bit of a moment (the two paths are different XLA
-programs).
+16-bit state (``mu_dtype``, ``latent_dtype``, bfloat16 params) is rounded when
+stored, while the step uses the unrounded values, so it cannot be read back:
+for it the loop also updates the moments, computes every block from its old
+rows and writes the rounded values after the last read of them (the sums
+first, then the latent weights, then the moments), and it carries 16-bit
+arrays as their bits (uint16), since XLA:CPU widens a 16-bit
+``dynamic_update_slice`` to float32 over the whole array on every iteration.
+Converting a 16-bit latent array to its bits and back costs XLA a copy of it,
+the only temporary the size of a leaf. A float16 latent array keeps the
+reference: float16 rounds weights below 3e-8 to zero, and the reference takes
+their sign from the unrounded value.
+
+The results are the reference's up to rounding: the order of the additions in
+the sums, the bias corrections applied as factors rather than divisors (each
+product in the reference's order, so that what overflows there overflows
+here), and now and then the last bit of a moment (the two paths are different
+XLA programs), which can move a 16-bit stored value by one unit of its last
+place.
 """
 
 from __future__ import annotations
@@ -76,6 +92,9 @@ MIN_ELEMENTS = 1 << 12
 # Scale functions whose alpha is a ratio of sums over the leaf, and the sums
 # each needs: of d, of d * |w| and of |w|. Other scale functions, which this
 # module cannot split into blocks, get the reference update.
+_MOMENT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+_LATENT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+
 _SUMS = {
   projections.lab_scale: ("d", "dw"),
   projections.bwn_scale: ("w",),
@@ -95,13 +114,15 @@ def supports(scale_fn, m: jax.Array, v: jax.Array, w: jax.Array) -> bool:
   Returns:
     ``True`` for :func:`~lab_optax.projections.lab_scale`,
     :func:`~lab_optax.projections.bwn_scale` and
-    :func:`~lab_optax.projections.binary_connect_scale`, float32 moments and
-    latent weights, at least two rows (all axes but the last) and rows of at
-    most :data:`MAX_ROW_ELEMENTS` elements.
+    :func:`~lab_optax.projections.binary_connect_scale`; float32, bfloat16 or
+    float16 moments; float32 or bfloat16 latent weights (a float16 one can
+    round a tiny weight to zero, and with it the sign that the reference takes
+    from the unrounded weight); at least two rows (all axes but the last) and
+    rows of at most :data:`MAX_ROW_ELEMENTS` elements.
   """
   if scale_fn not in _SUMS or w.ndim < 2 or w.size == 0:
     return False
-  if any(x.dtype != jnp.float32 for x in (m, v, w)):
+  if any(x.dtype not in _MOMENT_DTYPES for x in (m, v)) or w.dtype not in _LATENT_DTYPES:
     return False
   cols = w.shape[-1]
   return w.size // cols >= 2 and cols <= MAX_ROW_ELEMENTS
@@ -113,16 +134,40 @@ def _one_after(*arrays: jax.Array) -> jax.Array:
   ``min(1, (bits & 0x7fffffff) | 1)`` of one element of each array is 1
   whatever the bits, which XLA does not see, so it keeps the dependency.
   Explicitly sharded arrays give no dependency: they are not the single-device
-  case that the dependencies are for.
+  case that the dependencies are for. Under ``jax.vmap`` the 1 is one for the
+  whole batch, not batched: the loop's counter depends on it, and a batched
+  counter would make the loop run with a batched condition.
   """
+  return _one_after_all(arrays)
+
+
+@jax.custom_batching.custom_vmap
+def _one_after_all(arrays: tuple[jax.Array, ...]) -> jax.Array:
   one = jnp.int32(1)
   for x in arrays:
     spec = getattr(jax.typeof(x).sharding, "spec", ())
     if any(axis is not None for axis in spec):
       continue  # an element of an explicitly sharded array cannot be sliced out
-    bits = lax.bitcast_convert_type(jnp.real(x).reshape(-1)[0], jnp.int32)
+    element = jnp.real(x).reshape(-1)[0].astype(jnp.float32)
+    bits = lax.bitcast_convert_type(element, jnp.int32)
     one = jnp.minimum(one, (bits & 0x7FFFFFFF) | 1)
   return one
+
+
+@_one_after_all.def_vmap
+def _one_after_batched(axis_size, in_batched, arrays):
+  del axis_size, in_batched
+  return _one_after_all(arrays), False
+
+
+def _as_bits(x: jax.Array) -> jax.Array:
+  """A 16-bit float array as its bits (uint16); other arrays as they are."""
+  return lax.bitcast_convert_type(x, jnp.uint16) if x.dtype.itemsize == 2 else x
+
+
+def _from_bits(x: jax.Array, dtype) -> jax.Array:
+  """The inverse of :func:`_as_bits` for an array of ``dtype``."""
+  return lax.bitcast_convert_type(x, dtype) if x.dtype != dtype else x
 
 
 def _pack(terms: list[jax.Array]) -> tuple[jax.Array, ...]:
@@ -179,9 +224,9 @@ def update_binarized(
 
   Args:
     g: the gradient, in any floating dtype.
-    m: the first moment (float32).
-    v: the second moment (float32).
-    w: the latent weights (float32).
+    m: the first moment (float32, bfloat16 or float16).
+    v: the second moment (float32, bfloat16 or float16).
+    w: the latent weights (float32 or bfloat16).
     scale_fn: :func:`~lab_optax.projections.lab_scale`,
       :func:`~lab_optax.projections.bwn_scale` or
       :func:`~lab_optax.projections.binary_connect_scale`.
@@ -197,20 +242,35 @@ def update_binarized(
     block: elements per row block, at most; see :func:`block_elements`.
 
   Returns:
-    ``(m, v, w, alpha)``: the leaf's new state and its unrounded alpha,
-    float32 of shape ``()`` (``(out,)`` per channel).
+    ``(m, v, w, alpha)``: the leaf's new moments in their dtypes, the new
+    latent weights in float32 (rounded to their dtype if it is narrower) and
+    the unrounded alpha, float32 of shape ``()`` (``(out,)`` per channel).
   """
+  # Array hyperparameters (NumPy scalars, float64 under jax_enable_x64) are
+  # used in float32, as the state is; Python numbers stay weakly typed.
+  learning_rate, b1, b2, eps, clip = (
+    x if x is None or type(x) in (bool, int, float) else jnp.asarray(x, jnp.float32)
+    for x in (learning_rate, b1, b2, eps, clip)
+  )
   shape = w.shape
   cols = shape[-1]
   rows = w.size // cols
-  # The moments need nothing but the gradient: XLA:CPU updates them in place
-  # with loops that use every core, as Adam's, before the loop below. In the
-  # leaf's own shape: computed on a reshaped view, they were copied back.
-  g32 = g.astype(jnp.float32)
-  m = b1 * m + (1 - b1) * g32
-  v = b2 * v + (1 - b2) * g32 * g32
-  new_m, new_v = m, v
-  m, v, w = (x.reshape(rows, cols) for x in (m, v, w))
+  dtypes = m.dtype, v.dtype, w.dtype
+  # float32 state: the moments need nothing but the gradient, and XLA:CPU
+  # updates them in place with loops that use every core, as Adam's, before the
+  # loop below, which reads them back. Narrower state is rounded when stored,
+  # while the step uses the unrounded moments: they are updated in the loop.
+  wide = all(dtype == jnp.float32 for dtype in dtypes)
+  if wide:
+    # In the leaf's own shape: computed on a reshaped view, they were copied back.
+    g32 = g.astype(jnp.float32)
+    m = b1 * m + (1 - b1) * g32
+    v = b2 * v + (1 - b2) * g32 * g32
+    new_m, new_v = m, v
+  g, m, v, w = (x.reshape(rows, cols) for x in (g, m, v, w))
+  # 16-bit state is carried as its bits: XLA:CPU widens a bfloat16 or float16
+  # dynamic_update_slice to float32 over the whole array, on every iteration.
+  m, v, w = map(_as_bits, (m, v, w))
   # Without eps, sum(d) can be zero and alpha falls back to mean(|w|), as in lab_scale.
   names = _SUMS[scale_fn] + (("w",) if scale_fn is projections.lab_scale and guard_zero_d else ())
 
@@ -219,7 +279,7 @@ def update_binarized(
   # corrections), so the loop becomes ready on the thread that finished this
   # leaf's moments: shared inputs would make all loops ready at once on the
   # thread that computed them last, which runs them one after the other.
-  one = _one_after(new_m, new_v)
+  one = _one_after(new_m, new_v) if wide else _one_after(g)
   zero = one - 1
   # The shared bias corrections are read once more after the loop (see the
   # end): the memory of a value dead early is given to a later temporary, here
@@ -232,9 +292,13 @@ def update_binarized(
   # two more divides per element: the loop multiplies by factors computed once
   # instead, which made the step 6% to 8% faster (docs/results.md) and changes
   # the last bit of d and of the step now and then.
-  lr_bc1 = learning_rate / bc1
-  inv_sqrt_bc2 = 1 / jnp.sqrt(bc2)
+  # Each product keeps the reference's order, so a value that overflows there
+  # overflows here (a d of inf gives a step of 0, as in optax.adam).
+  inv_bc1 = 1 / bc1
   inv_bc2 = 1 / bc2
+  # The same factor as another value, so that XLA does not merge the sums' d
+  # with the update's (see _pack).
+  inv_bc2_sums = inv_bc2 * one.astype(inv_bc2.dtype)
 
   # At least two blocks: XLA inlines a loop of one iteration, and then no longer
   # updates the latent weights in place.
@@ -246,45 +310,79 @@ def update_binarized(
   # loop made XLA copy the leaf.)
   overlap = rows % block_rows != 0
 
+  def new_latent(old_w, m32, d):
+    w32 = old_w - learning_rate * (
+      (m32 * inv_bc1) / (jnp.where(d > 0, d, 1) if guard_zero_d else d)
+    )
+    return w32 if clip is None else jnp.clip(w32, -clip, clip)
+
+  def add_terms(acc, d, abs_w, fresh):
+    terms = {"d": lambda: d, "dw": lambda: d * abs_w, "w": lambda: abs_w}
+    terms = [terms[name]() for name in names]
+    if overlap:
+      terms = [jnp.where(fresh, t, 0.0) for t in terms]
+    return tuple(a + t for a, t in zip(acc, _pack(terms)))
+
   def body(carry):
     """Updates the block of ``block_rows`` rows at ``start``, adds its terms to the sums."""
-    i, start, w, acc, _ = carry
+    i, start, m, v, w, acc, _ = carry
 
     def rows_of(x):
       return lax.dynamic_slice_in_dim(x, start, block_rows)
 
+    def read(x, dtype):  # the block of a state array, in float32
+      return _from_bits(rows_of(x), dtype).astype(jnp.float32)
+
+    def put(x, new, dtype):
+      new = _as_bits(new.astype(dtype))
+      new = jnp.where(fresh, new, rows_of(x)) if overlap else new
+      return lax.dynamic_update_slice_in_dim(x, new, start, 0)
+
     fresh = (start + lax.broadcasted_iota(jnp.uint32, (block_rows, 1), 0)) >= i * block_rows
-    d = jnp.sqrt(rows_of(v)) * inv_sqrt_bc2 + eps
-    old_w = rows_of(w)
-    new_w = old_w - rows_of(m) * lr_bc1 / (jnp.where(d > 0, d, 1) if guard_zero_d else d)
-    if clip is not None:
-      new_w = jnp.clip(new_w, -clip, clip)
-    w = lax.dynamic_update_slice_in_dim(
-      w, jnp.where(fresh, new_w, old_w) if overlap else new_w, start, 0
-    )
-    if names:
-      # The new latent weights are read back from w instead of reused: XLA:CPU
-      # would recompute the clip from the old rows in the loop that adds up
-      # the terms, so the old rows would have to outlive the in-place write,
-      # and it would copy the whole leaf on every iteration to keep them. d is
-      # computed again, in another form so that XLA does not merge the two and
-      # keep d in a temporary (see _pack).
-      abs_w = jnp.abs(rows_of(w))
+    if wide:
       d = jnp.sqrt(rows_of(v) * inv_bc2) + eps
-      terms = {"d": lambda: d, "dw": lambda: d * abs_w, "w": lambda: abs_w}
-      terms = [terms[name]() for name in names]
-      if overlap:
-        terms = [jnp.where(fresh, t, 0.0) for t in terms]
-      acc = tuple(a + t for a, t in zip(acc, _pack(terms)))
+      w = put(w, new_latent(rows_of(w), rows_of(m), d), jnp.float32)
+      if names:
+        # The new latent weights are read back from w instead of reused:
+        # XLA:CPU would recompute the clip from the old rows in the loop that
+        # adds up the terms, so the old rows would have to outlive the in-place
+        # write, and it would copy the whole leaf on every iteration to keep
+        # them. d is computed again, in another form so that XLA does not merge
+        # the two and keep d in a temporary (see _pack).
+        d = jnp.sqrt(rows_of(v) * inv_bc2_sums) + eps
+        acc = add_terms(acc, d, jnp.abs(rows_of(w)), fresh)
+      after = (w, *acc)
+    else:
+      # Everything from the old rows, written back rounded after every read of
+      # them: the sums first (from the unrounded latent weights, as in the
+      # reference), then w, then m and v. XLA computes each write in its own
+      # loop from the old rows; a write before a read would make it copy the
+      # whole array to keep them.
+      g32 = rows_of(g).astype(jnp.float32)
+      m32 = b1 * read(m, dtypes[0]) + (1 - b1) * g32
+      v32 = b2 * read(v, dtypes[1]) + (1 - b2) * g32 * g32
+      d = jnp.sqrt(v32 * inv_bc2) + eps
+      w32 = new_latent(read(w, dtypes[2]), m32, d)
+      if names:
+        acc = add_terms(acc, d, jnp.abs(w32), fresh)
+      w = put(w, w32 * _one_after(*acc).astype(jnp.float32), dtypes[2])
+      order = _one_after(w).astype(jnp.float32)
+      m = put(m, m32 * order, dtypes[0])
+      v = put(v, v32 * order, dtypes[1])
+      after = (m, v)
     # The counter is advanced after every read of the old one: XLA would
     # otherwise keep a copy of it in a temporary. The row index is unsigned:
     # dynamic_slice clamps a signed one, in another temporary.
-    i = (i + 1) * _one_after(w, *acc)
-    return i, jnp.minimum(i * block_rows, rows - block_rows).astype(jnp.uint32), w, acc, i < count
+    i = (i + 1) * _one_after(*after)
+    next_start = jnp.minimum(i * block_rows, rows - block_rows).astype(jnp.uint32)
+    return i, next_start, m, v, w, acc, i < count
 
   acc = _pack([jnp.full((block_rows, cols), zero, jnp.float32)] * len(names))
-  init = (zero, zero.astype(jnp.uint32), w, acc, one > 0)
-  _, _, w, acc, _ = lax.while_loop(lambda carry: carry[-1], body, init)
+  init = (zero, zero.astype(jnp.uint32), m, v, w, acc, one > 0)
+  _, _, m, v, w, acc, _ = lax.while_loop(lambda carry: carry[-1], body, init)
+  m, v, w = (_from_bits(x, dtype).reshape(shape) for x, dtype in zip((m, v, w), dtypes))
+  if wide:
+    m, v = new_m, new_v
   acc = tuple(jnp.sum(a, axis=0) for a in acc)
   if not per_channel:
     acc = tuple(jnp.sum(a) for a in acc)
@@ -301,4 +399,4 @@ def update_binarized(
     if guard_zero_d:
       alpha = jnp.where(positive, alpha, sums["w"] / n)
   alpha = alpha * _one_after(*keep_alive).astype(alpha.dtype)
-  return new_m, new_v, w.reshape(shape), alpha
+  return m, v, w.astype(jnp.float32), alpha

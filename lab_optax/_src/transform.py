@@ -8,6 +8,7 @@ the methods differ only in the scale function that picks ``alpha`` (see
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -226,8 +227,9 @@ def projected_adam(
       of ``d`` and of the step now and then). ``"reference"``: the
       update equations as elementwise ``jnp`` code. ``"blocked"``: a loop over
       row blocks that updates the state in place, for the three built-in
-      scale functions and float32 state (other leaves get the reference); it
-      avoids the full-size temporaries that XLA:CPU gives the reference.
+      scale functions, float32, bfloat16 or float16 moments and float32 or
+      bfloat16 latent weights (other leaves get the reference); it avoids the
+      full-size temporaries that XLA:CPU gives the reference.
       ``None``: blocked for leaves of at least ``2**12`` elements when XLA
       compiles for CPU in a single-device process, the reference otherwise.
 
@@ -283,20 +285,21 @@ def projected_adam(
     lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
     bc1 = 1 - jnp.asarray(b1, jnp.float32) ** count
     bc2 = 1 - jnp.asarray(b2, jnp.float32) ** count
+    hyper = {"lr": lr, "b1": b1, "b2": b2, "eps": eps, "bc1": bc1, "bc2": bc2, "clip": clip}
 
-    def adam(g, m, v):
+    def adam(g, m, v, h=hyper):
       g32 = _f32(jnp.asarray(g))
-      m32 = b1 * _f32(m) + (1 - b1) * g32
-      v32 = b2 * _f32(v) + (1 - b2) * g32 * g32
-      d = jnp.sqrt(v32 / bc2) + eps
-      step = (m32 / bc1) / (jnp.where(d > 0, d, 1) if guard_zero_d else d)
+      m32 = h["b1"] * _f32(m) + (1 - h["b1"]) * g32
+      v32 = h["b2"] * _f32(v) + (1 - h["b2"]) * g32 * g32
+      d = jnp.sqrt(v32 / h["bc2"]) + h["eps"]
+      step = (m32 / h["bc1"]) / (jnp.where(d > 0, d, 1) if guard_zero_d else d)
       return m32.astype(m.dtype), v32.astype(v.dtype), d, step
 
-    def reference(g, m, v, w):
-      new_m, new_v, d, step = adam(g, m, v)
-      w32 = _f32(w) - lr * step
-      if clip is not None:
-        w32 = jnp.clip(w32, -clip, clip)
+    def reference(g, m, v, w, h=hyper):
+      new_m, new_v, d, step = adam(g, m, v, h)
+      w32 = _f32(w) - h["lr"] * step
+      if h["clip"] is not None:
+        w32 = jnp.clip(w32, -h["clip"], h["clip"])
       axis = projections.reduction_axes(w32.ndim, per_channel)
       return new_m, new_v, w32, _flat_alpha(scale_fn(w32, d, axis), per_channel)
 
@@ -324,32 +327,38 @@ def projected_adam(
     _check_shapes(paths, flat[1], flat[4], "the latent weight tensor")
     block = fused.block_elements(sum(map(blocks, flat[2], flat[3], flat[4])))
 
-    def blocked(g, m, v, w):
+    def blocked(g, m, v, w, h=hyper):
       return fused.update_binarized(
         g,
         m,
         v,
         w,
         scale_fn=scale_fn,
-        learning_rate=lr,
-        b1=b1,
-        b2=b2,
-        eps=eps,
-        bc1=bc1,
-        bc2=bc2,
-        clip=clip,
+        learning_rate=h["lr"],
+        b1=h["b1"],
+        b2=h["b2"],
+        eps=h["eps"],
+        bc1=h["bc1"],
+        bc2=h["bc2"],
+        clip=h["clip"],
         per_channel=per_channel,
         guard_zero_d=guard_zero_d,
         block=block,
       )
 
+    def automatic(g, m, v, w, h=hyper):
+      # Chosen when XLA compiles for a platform: only XLA:CPU needs the blocks.
+      return jax.lax.platform_dependent(
+        g, m, v, w, cpu=functools.partial(blocked, h=h), default=functools.partial(reference, h=h)
+      )
+
     def binarized(g, m, v, w):
       if not blocks(m, v, w):
         return reference(g, m, v, w)
-      if implementation == "blocked":
-        return blocked(g, m, v, w)
-      # Chosen when XLA compiles for a platform: only XLA:CPU needs the blocks.
-      return jax.lax.platform_dependent(g, m, v, w, cpu=blocked, default=reference)
+      fast = blocked if implementation == "blocked" else automatic
+      # The blocked loop (a while_loop) has no reverse-mode derivative: it is
+      # differentiated as the reference, which it equals up to rounding.
+      return _differentiated_as(fast, reference, (g, m, v, w), hyper)
 
     def leaf(g, p, m, v, w, a_old):
       if _is_masked(m):  # integer leaf: never touched
@@ -368,6 +377,29 @@ def projected_adam(
     return u, ProjectedAdamState(count=count, mu=mu, nu=nu, latent=latent, alpha=alpha)
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _differentiated_as(fast, slow, args, hyper):
+  """``fast(*args, h=hyper)``, with the derivatives (forward and reverse) of ``slow``.
+
+  Both take the same arguments and compute the same function up to rounding.
+  The hyperparameters that are arrays (traced, or under ``inject_hyperparams``)
+  are passed as arguments, so derivatives with respect to them are those of
+  ``slow`` too; Python numbers and ``None`` stay as they are.
+  """
+  names = [k for k, x in hyper.items() if not (x is None or type(x) in (bool, int, float))]
+  fixed = {k: x for k, x in hyper.items() if k not in names}
+
+  def call(fn):
+    return lambda *xs: fn(*xs[: len(args)], h={**fixed, **dict(zip(names, xs[len(args) :]))})
+
+  f = jax.custom_jvp(call(fast))
+
+  @f.defjvp
+  def _(primals, tangents):
+    return call(fast)(*primals), jax.jvp(call(slow), primals, tangents)[1]
+
+  return f(*args, *(hyper[k] for k in names))
 
 
 def _make_alias(scale_fn, initial_scale_fn, name, formula):
