@@ -261,12 +261,13 @@ def update_binarized(
   # loop below, which reads them back. Narrower state is rounded when stored,
   # while the step uses the unrounded moments: they are updated in the loop.
   wide = all(dtype == jnp.float32 for dtype in dtypes)
+
+  def moments(g32, m32, v32):
+    return b1 * m32 + (1 - b1) * g32, b2 * v32 + (1 - b2) * g32 * g32
+
   if wide:
     # In the leaf's own shape: computed on a reshaped view, they were copied back.
-    g32 = g.astype(jnp.float32)
-    m = b1 * m + (1 - b1) * g32
-    v = b2 * v + (1 - b2) * g32 * g32
-    new_m, new_v = m, v
+    new_m, new_v = m, v = moments(g.astype(jnp.float32), m, v)
   g, m, v, w = (x.reshape(rows, cols) for x in (g, m, v, w))
   # 16-bit state is carried as its bits: XLA:CPU widens a bfloat16 or float16
   # dynamic_update_slice to float32 over the whole array, on every iteration.
@@ -358,9 +359,7 @@ def update_binarized(
       # reference), then w, then m and v. XLA computes each write in its own
       # loop from the old rows; a write before a read would make it copy the
       # whole array to keep them.
-      g32 = rows_of(g).astype(jnp.float32)
-      m32 = b1 * read(m, dtypes[0]) + (1 - b1) * g32
-      v32 = b2 * read(v, dtypes[1]) + (1 - b2) * g32 * g32
+      m32, v32 = moments(rows_of(g).astype(jnp.float32), read(m, dtypes[0]), read(v, dtypes[1]))
       d = jnp.sqrt(v32 * inv_bc2) + eps
       w32 = new_latent(read(w, dtypes[2]), m32, d)
       if names:
