@@ -1,11 +1,14 @@
 """binary_mask and binarize_model."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 from flax import nnx
+from test_nnx_summary import PlainCNN, train_with_lab
 
 import lab_optax
 from lab_optax.nnx import BinaryConv, BinaryLinear, binarize_model, binary_mask
@@ -334,3 +337,110 @@ def test_binarize_model_lets_optimizer_binarized_layers_skip_the_check():
   # Marking changes the work, not the result.
   for a, b in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(nnx.state(twin))):
     np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_pack_model_packs_plain_layers_trained_with_lab(per_channel, tmp_path):
+  model = train_with_lab(per_channel)
+  layers = {name: getattr(model, name) for name in ("conv1", "conv2", "linear1", "linear2")}
+  floats = {name: np.asarray(layer.kernel.get_value()) for name, layer in layers.items()}
+  x = jax.random.normal(jax.random.key(2), (5, 8, 8, 1))
+  expected = model(x)
+  before = lab_optax.summary(model, print_fn=None)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # nothing is left dense: no warning
+    assert lab_optax.nnx.pack_model(model) is model
+  for name, layer in layers.items():
+    assert getattr(model, name) is layer  # converted in place
+    assert type(layer) is (BinaryConv if name.startswith("conv") else BinaryLinear)
+    assert isinstance(layer.kernel, lab_optax.nnx.BinaryParam)
+    packed = layer.kernel.get_value()
+    assert isinstance(packed, lab_optax.PackedBinary)
+    assert packed.alpha.shape == ((floats[name].shape[-1],) if per_channel else ())
+  np.testing.assert_allclose(model(x), expected, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(nnx.jit(lambda m, x: m(x))(model, x), expected, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(nnx.merge(*nnx.split(model))(x), model(x))
+  after = lab_optax.summary(model, print_fn=None)
+  assert (after.binary_params, after.alphas, after.float_params, after.full_precision) == (
+    before.binary_params,
+    before.alphas,
+    before.float_params,
+    (),
+  )
+  # One file, loaded into a freshly built plain model: pack_model turns its layers into binary
+  # layers around the packed kernels.
+  path = tmp_path / "cnn.npz"
+  lab_optax.save_packed(path, nnx.state(model))
+  fresh = PlainCNN(nnx.Rngs(7))
+  nnx.update(fresh, lab_optax.load_packed(path))
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    lab_optax.nnx.pack_model(fresh)
+  assert type(fresh.conv1) is BinaryConv and type(fresh.linear2) is BinaryLinear
+  np.testing.assert_array_equal(fresh(x), model(x))
+  # Unpacking gives the float kernels back bit for bit, and the float model's outputs.
+  lab_optax.nnx.unpack_model(model)
+  for name, layer in layers.items():
+    np.testing.assert_array_equal(np.asarray(layer.kernel.get_value()), floats[name])
+  np.testing.assert_array_equal(model(x), expected)
+
+
+class Assorted(nnx.Module):
+  def __init__(self, rngs):
+    self.dense = nnx.Linear(6, 4, rngs=rngs)
+    self.latent = nnx.Linear(6, 4, rngs=rngs)  # not binarized
+    self.embed = nnx.Embed(5, 6, rngs=rngs)
+    self.masked = nnx.Conv(2, 3, (3, 3), mask=jnp.ones((3, 3, 2, 3)), rngs=rngs)
+    self.full = BinaryLinear(4, 4, binarize_kernel=False, binarize_inputs=True, rngs=rngs)
+    self.einsum = nnx.Einsum("ab,bc->ac", (6, 4), rngs=rngs)
+
+
+def test_pack_model_names_the_kernels_it_leaves_dense():
+  model = Assorted(nnx.Rngs(0))
+  for layer, name in (
+    (model.dense, "kernel"),
+    (model.embed, "embedding"),
+    (model.masked, "kernel"),
+    (model.full, "kernel"),
+  ):
+    variable = getattr(layer, name)
+    variable.set_value(lab_optax.binarize_ste(variable.get_value()))
+  x = jax.random.normal(jax.random.key(1), (3, 6))
+  h = jax.random.normal(jax.random.key(2), (3, 4))
+  expected = model.dense(x), model.full(h), model.latent(x)
+  with pytest.warns(UserWarning) as record:
+    lab_optax.nnx.pack_model(model)
+  assert len(record) == 1
+  assert str(record[0].message) == (
+    "pack_model left 4 kernels in full precision: "
+    "einsum/kernel (not binarized), "
+    "embed/embedding (no packed inference for nnx.Embed), "
+    "latent/kernel (not binarized), "
+    "masked/kernel (no packed inference for nnx.Conv with a kernel mask)"
+  )
+  assert type(model.dense) is BinaryLinear and type(model.latent) is nnx.Linear
+  assert type(model.masked) is nnx.Conv and type(model.embed.embedding) is nnx.Param
+  # A binary layer in full precision whose kernel is binarized is packed too (XNOR product).
+  for layer in (model.dense, model.full):
+    assert isinstance(layer.kernel.get_value(), lab_optax.PackedBinary)
+  np.testing.assert_allclose(model.dense(x), expected[0], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(model.full(h), expected[1], rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(model.latent(x), expected[2])
+  assert lab_optax.summary(model, print_fn=None).full_precision == (
+    "einsum/kernel",
+    "latent/kernel",
+  )
+
+
+def test_pack_model_changes_nothing_when_a_binary_kernel_is_not_binarized():
+  class Both(nnx.Module):
+    def __init__(self, rngs):
+      self.plain = nnx.Linear(4, 3, rngs=rngs)
+      self.binary = BinaryLinear(4, 3, rngs=rngs)
+
+  model = Both(nnx.Rngs(0))
+  model.plain.kernel.set_value(lab_optax.binarize_ste(model.plain.kernel.get_value()))
+  with pytest.raises(ValueError, match="binary.*kernel"):
+    lab_optax.nnx.pack_model(model)
+  assert type(model.plain) is nnx.Linear and type(model.plain.kernel) is nnx.Param
+  assert not isinstance(model.plain.kernel.get_value(), lab_optax.PackedBinary)

@@ -1,6 +1,12 @@
 """lab_optax.summary on models whose figures are known by hand."""
 
+import functools
+
+import jax
 import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
 from flax import nnx
 
 import lab_optax
@@ -50,3 +56,86 @@ def test_one_weight_per_channel_counts_one_alpha():
   layer = BinaryLinear(1, 3, rngs=nnx.Rngs(0))
   layer.kernel.set_value(jnp.array([[0.4, -0.2, 0.3]]))
   assert lab_optax.summary(layer, print_fn=None).alphas == 1
+
+
+class PlainCNN(nnx.Module):
+  """The Flax NNX MNIST tutorial's CNN, smaller: plain nnx.Conv and nnx.Linear layers."""
+
+  def __init__(self, rngs):
+    self.conv1 = nnx.Conv(1, 4, kernel_size=(3, 3), rngs=rngs)
+    self.conv2 = nnx.Conv(4, 8, kernel_size=(3, 3), rngs=rngs)
+    self.linear1 = nnx.Linear(32, 16, rngs=rngs)
+    self.linear2 = nnx.Linear(16, 10, rngs=rngs)
+
+  def __call__(self, x):
+    pool = functools.partial(nnx.avg_pool, window_shape=(2, 2), strides=(2, 2))
+    x = pool(nnx.relu(self.conv1(x)))
+    x = pool(nnx.relu(self.conv2(x)))
+    x = nnx.relu(self.linear1(x.reshape(x.shape[0], -1)))
+    return self.linear2(x)
+
+
+def train_with_lab(per_channel, steps=3):
+  """A PlainCNN trained with lab_optax.lab's default mask: every kernel is binarized."""
+  model = PlainCNN(nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, lab_optax.lab(1e-2, per_channel=per_channel), wrt=nnx.Param)
+  lab_optax.nnx.binarize_model(model, optimizer)
+  x = jax.random.normal(jax.random.key(1), (16, 8, 8, 1))
+  labels = jnp.arange(16) % 10
+
+  @nnx.jit
+  def step(model, optimizer):
+    def loss(m):
+      return optax.softmax_cross_entropy_with_integer_labels(m(x), labels).mean()
+
+    optimizer.update(model, nnx.grad(loss)(model))
+
+  for _ in range(steps):
+    step(model, optimizer)
+  return model
+
+
+KERNELS = {"conv1": (36, 4), "conv2": (288, 8), "linear1": (512, 16), "linear2": (160, 10)}
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_summary_counts_binarized_kernels_of_plain_layers(per_channel):
+  fresh = lab_optax.summary(PlainCNN(nnx.Rngs(0)), print_fn=None)
+  assert fresh.binary_params == 0 and fresh.alphas == 0
+  assert fresh.full_precision == tuple(f"{name}/kernel" for name in KERNELS)
+  model = train_with_lab(per_channel)
+  printed = []
+  s = lab_optax.summary(model, print_fn=printed.append)
+  figures = {
+    layer.path: (layer.binary_params, layer.alphas, layer.float_params) for layer in s.layers
+  }
+  assert figures == {
+    name: (size, channels if per_channel else 1, channels)
+    for name, (size, channels) in KERNELS.items()
+  }
+  for name, (_, channels) in KERNELS.items():  # one magnitude per tensor or per channel
+    mags = np.abs(np.asarray(getattr(model, name).kernel.get_value())).reshape(-1, channels)
+    np.testing.assert_array_equal(mags.max(0), mags.min(0))
+    assert len(np.unique(mags)) == (channels if per_channel else 1)
+  assert s.full_precision == () and "Full precision" not in printed[0]
+  assert s.binary_params == 996 and s.float_params == 38
+
+
+def test_summary_names_the_kernels_kept_in_full_precision():
+  model = train_with_lab(per_channel=False, steps=1)
+  model.linear1.kernel.set_value(model.linear1.kernel.get_value().at[0, 0].multiply(0.5))
+  model.conv1.kernel.set_value(model.conv1.kernel.get_value().at[0, 0, 0, 0].set(jnp.nan))
+  printed = []
+  s = lab_optax.summary(model, print_fn=printed.append)
+  assert s.full_precision == ("conv1/kernel", "linear1/kernel")
+  assert [layer.full_precision for layer in s.layers] == [
+    ("conv1/kernel",),
+    (),
+    ("linear1/kernel",),
+    (),
+  ]
+  assert s.binary_params == 288 + 160 and s.alphas == 2 and s.float_params == 38 + 36 + 512
+  assert printed[0].splitlines()[-1] == "Full precision kernels: conv1/kernel, linear1/kernel"
+  # A binary layer's kernel counts as 1-bit before it is binarized: the layer binarizes it.
+  s = lab_optax.summary(Net(nnx.Rngs(0)), print_fn=None)
+  assert s.full_precision == ("out/kernel",) and s.binary_params == 6400

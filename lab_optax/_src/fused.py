@@ -64,8 +64,6 @@ XLA programs), which can move a 16-bit stored value by one unit of its last
 place.
 """
 
-from __future__ import annotations
-
 import jax
 import jax.numpy as jnp
 from jax import lax

@@ -1,7 +1,5 @@
 """Which leaves of a parameter tree are binarized."""
 
-from __future__ import annotations
-
 from typing import Any
 
 import jax
@@ -15,6 +13,23 @@ MaskOrFn = Any
 def is_floating(x: Any) -> bool:
   """Whether ``x`` is an array (or array-like) of a floating dtype."""
   return jnp.issubdtype(jnp.result_type(x), jnp.floating)
+
+
+def is_inexact(x: Any) -> bool:
+  """Whether ``x`` is an array (or array-like) of a floating or complex dtype."""
+  return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+
+
+def is_mask_fn(mask: Any) -> bool:
+  """Whether ``mask`` is a function of the params rather than a pytree of bools.
+
+  As :func:`optax.masked`: a callable pytree (an equinox module, say) whose
+  leaves are bools is a mask, not a function; ``mask`` is called only when it
+  has leaves and every one of them is callable (a plain function is its own
+  single leaf).
+  """
+  leaves = jax.tree.leaves(jax.tree.map(callable, mask))
+  return bool(leaves) and all(leaves)
 
 
 def default_mask(params: Any) -> Any:
@@ -81,8 +96,9 @@ def resolve_mask(mask: MaskOrFn, params: Any) -> Any:
 
   Args:
     mask: ``None`` (use :func:`default_mask`), a pytree of bools with the
-      structure of ``params``, or a callable ``params -> such a pytree``. A
-      mask entry may also stand for a whole subtree of params (a prefix, as in
+      structure of ``params``, or a callable ``params -> such a pytree`` (a
+      callable pytree of bools, such as an equinox module, is a mask, as in
+      :func:`optax.masked`; see :func:`is_mask_fn`). A mask entry may also stand for a whole subtree of params (a prefix, as in
       :func:`optax.masked`), and containers are matched by key path, so a dict
       mask fits an ``nnx.State`` of params with the same keys.
     params: the parameters the mask applies to.
@@ -97,7 +113,7 @@ def resolve_mask(mask: MaskOrFn, params: Any) -> Any:
   """
   if mask is None:
     return default_mask(params)
-  tree = mask(params) if callable(mask) else mask
+  tree = mask(params) if is_mask_fn(mask) else mask
   flat = []
   for (name, m), p in zip(_match_by_path(params, tree), jax.tree.leaves(params)):
     selected = _to_bool(m, name)

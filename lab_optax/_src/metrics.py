@@ -1,7 +1,5 @@
 """Training metrics of binarized networks."""
 
-from __future__ import annotations
-
 from typing import Any
 
 import jax

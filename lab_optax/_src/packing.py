@@ -24,8 +24,6 @@ padding adds nothing to the popcount: ``K - 2 * popcount`` with the true ``K``
 is exact whatever the padding length.
 """
 
-from __future__ import annotations
-
 import dataclasses
 import functools
 import hashlib

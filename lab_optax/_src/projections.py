@@ -13,8 +13,6 @@ Each ``*_scale`` function returns the scale ``alpha`` of the binarized tensor
 (the paper's choice); :func:`reduction_axes` gives one per output channel.
 """
 
-from __future__ import annotations
-
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -26,24 +24,28 @@ ScaleFn = Callable[[jax.Array, jax.Array | None, Axis], jax.Array]
 
 
 def binary_sign(x: jax.typing.ArrayLike) -> jax.Array:
-  """Sign with ``binary_sign(0) = +1``, so the result is always in {-1, +1}.
+  """Sign with ``binary_sign(0) = +1``, so a number always maps to -1 or +1.
+
+  NaN maps to NaN, so a diverged latent weight shows in the params (for every
+  method, BinaryConnect's ``alpha = 1`` included) instead of becoming a finite
+  ``-1``.
 
   Args:
     x: an array.
 
   Returns:
-    ``+1`` where ``x >= 0`` and ``-1`` elsewhere (NaN maps to ``-1``), with the
-    dtype of ``x``.
+    ``+1`` where ``x >= 0`` (``-0.0`` included), ``-1`` where ``x < 0`` and NaN
+    where ``x`` is NaN, with the dtype of ``x``.
 
   Examples:
     >>> import jax.numpy as jnp
     >>> from lab_optax import binary_sign
-    >>> binary_sign(jnp.array([-2.0, 0.0, 3.0]))
-    Array([-1.,  1.,  1.], dtype=float32)
+    >>> binary_sign(jnp.array([-2.0, 0.0, 3.0, jnp.nan]))
+    Array([-1.,  1.,  1., nan], dtype=float32)
   """
   x = jnp.asarray(x)
   one = jnp.ones((), x.dtype)
-  return jnp.where(x >= 0, one, -one)
+  return jnp.where(x >= 0, one, jnp.where(x < 0, -one, x))
 
 
 def reduction_axes(ndim: int, per_channel: bool) -> tuple[int, ...] | None:

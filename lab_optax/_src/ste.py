@@ -1,7 +1,5 @@
 """Straight-through estimators: binary activations and self-binarizing kernels."""
 
-from __future__ import annotations
-
 import jax
 import jax.numpy as jnp
 

@@ -6,8 +6,6 @@ the methods differ only in the scale function that picks ``alpha`` (see
 ``alpha * sign(latent)``; the full-precision latent weights live in the state.
 """
 
-from __future__ import annotations
-
 import functools
 import math
 from typing import Any, NamedTuple
@@ -37,14 +35,18 @@ def _is_masked(x: Any) -> bool:
 class ProjectedAdamState(NamedTuple):
   """State of :func:`projected_adam` (and so of :func:`lab`, :func:`bwn`, :func:`binary_connect`).
 
-  Leaves that a field does not apply to hold ``optax.MaskedNode()``.
+  Leaves that a field does not apply to hold ``optax.MaskedNode()``. Every leaf
+  keeps its shape and dtype across ``update``.
   """
 
   count: jax.Array  # shape=(), dtype=jnp.int32: number of updates so far.
-  mu: optax.Updates  # First moment, like params (mu_dtype); masked for non-float leaves.
-  nu: optax.Updates  # Second moment, like params; masked for non-float leaves.
+  mu: optax.Updates  # First moment, like params (mu_dtype); masked for integer leaves.
+  nu: optax.Updates  # Second moment, like params; masked for integer leaves.
   latent: optax.Params  # Full-precision latent weights of binarized leaves (latent_dtype).
-  alpha: optax.Params  # float32 scale of binarized leaves: shape (), or (out,) per channel.
+  # Scale of binarized leaves: shape (), or (out,) per channel; float32, or the
+  # params' dtype if wider (float64 under x64). Not params-shaped: a scalar per
+  # tensor, so optax.tree.map_params passes it to transform_non_params.
+  alpha: optax.Params
 
 
 _IMPLEMENTATIONS = (None, "reference", "blocked")
@@ -62,6 +64,27 @@ def _check_hyperparams(b1: Any, b2: Any, eps: Any, clip: Any) -> None:
     raise ValueError(f"eps must be >= 0, got {eps}")
   if number(clip) and not clip > 0:
     raise ValueError(f"clip must be > 0 or None, got {clip}")
+
+
+def _alpha_dtype(param_dtype: Any) -> Any:
+  """The dtype of a leaf's alpha, fixed at ``init``: float32, or the params' if wider."""
+  return jnp.promote_types(param_dtype, jnp.float32)
+
+
+class _NotParams:
+  """Stands for the alphas in a state made by ``tx.init`` of optax's params placeholder."""
+
+  def __repr__(self) -> str:
+    return "<alphas>"
+
+
+_NOT_PARAMS = _NotParams()
+
+
+def _is_params_placeholder(params: Any) -> bool:
+  # optax.tree.map_params's stand-in for the whole params tree: a pytree node
+  # with no children (optax.tree_utils._state_utils._ParamsPlaceholder).
+  return type(params).__name__ == "_ParamsPlaceholder" and not jax.tree.leaves(params)
 
 
 def _f32(x: jax.Array) -> jax.Array:
@@ -194,7 +217,8 @@ def projected_adam(
   where ``scale_fn`` gives :math:`\alpha` and ``sign(0) = +1``. The update is
   :math:`\hat w_t - \hat w_{t-1}`, so ``optax.apply_updates`` writes the new
   binarized weights into params. Other floating leaves get plain Adam with the
-  same hyperparameters and no clipping; integer leaves are left untouched.
+  same hyperparameters and no clipping (complex leaves too, as in
+  ``optax.adam``); integer leaves are left untouched. An empty tree is a no-op.
 
   This transformation needs ``params`` in ``update`` and must be the last one
   of an :func:`optax.chain` (gradient clipping before it is fine). Call
@@ -234,7 +258,9 @@ def projected_adam(
       compiles for CPU in a single-device process, the reference otherwise.
 
   Returns:
-    An :class:`optax.GradientTransformation` with state :class:`ProjectedAdamState`.
+    An :class:`optax.GradientTransformationExtraArgs` (``update`` ignores extra
+    keyword arguments, such as ``value=loss``) with state
+    :class:`ProjectedAdamState`.
   """
   _check_hyperparams(b1, b2, eps, clip)
   if implementation not in _IMPLEMENTATIONS:
@@ -251,7 +277,7 @@ def projected_adam(
       _check_per_channel(params, flags)
 
     def moment(p, dtype=None):
-      if not masks_lib.is_floating(p):
+      if not masks_lib.is_inexact(p):
         return _MASKED
       # Under jit with automatic sharding, zeros depend on no input and would be
       # replicated (or put on one device); shard_alike lays them out like p.
@@ -268,17 +294,22 @@ def projected_adam(
         return _MASKED
       p = jnp.asarray(p)
       a = initial_scale_fn(p, None, projections.reduction_axes(p.ndim, per_channel))
-      return _round_significand(_flat_alpha(a, per_channel).astype(jnp.float32), p.dtype)
+      dtype = _alpha_dtype(p.dtype)
+      return _round_significand(_flat_alpha(a, per_channel).astype(dtype), p.dtype)
 
     return ProjectedAdamState(
       count=jnp.zeros([], jnp.int32),
       mu=jax.tree.map(lambda p: moment(p, mu_dtype), params),
       nu=jax.tree.map(moment, params),
       latent=jax.tree.map(latent, params, flags),
-      alpha=jax.tree.map(alpha, params, flags),
+      # optax.tree.map_params calls init with a placeholder for the params and
+      # maps its function over every field shaped like them: alpha is not (one
+      # scalar, or one value per channel, per tensor).
+      alpha=_NOT_PARAMS if _is_params_placeholder(params) else jax.tree.map(alpha, params, flags),
     )
 
-  def update_fn(updates, state, params=None):
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args  # e.g. value=loss from nnx.Optimizer.update: not needed here
     if params is None:
       raise ValueError(NO_PARAMS_MSG)
     count = optax.safe_increment(state.count)
@@ -290,7 +321,12 @@ def projected_adam(
     def adam(g, m, v, h=hyper):
       g32 = _f32(jnp.asarray(g))
       m32 = h["b1"] * _f32(m) + (1 - h["b1"]) * g32
-      v32 = h["b2"] * _f32(v) + (1 - h["b2"]) * g32 * g32
+      if jnp.iscomplexobj(g32):  # as optax.adam: the second moment of |g|, real-valued
+        v32 = h["b2"] * jnp.real(_f32(v)) + (1 - h["b2"]) * (
+          jnp.real(g32) ** 2 + jnp.imag(g32) ** 2
+        )
+      else:
+        v32 = h["b2"] * _f32(v) + (1 - h["b2"]) * g32 * g32
       d = jnp.sqrt(v32 / h["bc2"]) + h["eps"]
       step = (m32 / h["bc1"]) / (jnp.where(d > 0, d, 1) if guard_zero_d else d)
       return m32.astype(m.dtype), v32.astype(v.dtype), d, step
@@ -367,16 +403,18 @@ def projected_adam(
         new_m, new_v, _, step = adam(g, m, v)
         return (-lr * step).astype(jnp.result_type(g)), new_m, new_v, w, a_old
       new_m, new_v, w32, a = binarized(g, m, v, w)
-      a = _representable_alpha(a, a_old, p.dtype)
+      a = _representable_alpha(a.astype(a_old.dtype), a_old, p.dtype)
       new_p = a * projections.binary_sign(w32)
       u = (new_p - _f32(jnp.asarray(p))).astype(p.dtype)
       return u, new_m, new_v, w32.astype(w.dtype), a
 
     out = [leaf(*args) for args in zip(*flat)]
-    u, mu, nu, latent, alpha = (treedef.unflatten(column) for column in zip(*out))
+    # An empty tree (optax.masked or optax.partition with nothing selected) is a no-op.
+    columns = list(zip(*out)) if out else [[]] * 5
+    u, mu, nu, latent, alpha = (treedef.unflatten(column) for column in columns)
     return u, ProjectedAdamState(count=count, mu=mu, nu=nu, latent=latent, alpha=alpha)
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def _differentiated_as(fast, slow, args, hyper):
@@ -456,8 +494,10 @@ _ALIAS_DOC = r"""{formula}
     clip: bound of the latent weights of binarized leaves (``None``: no clip).
     mask: ``None`` binarizes every floating leaf with ``ndim >= 2``; otherwise
       a pytree of bools with the params' structure, or a callable
-      ``params -> such a pytree``. Unmasked floating leaves get plain Adam with
-      the same hyperparameters and no clipping; integer leaves are untouched.
+      ``params -> such a pytree`` (a callable pytree of bools is a mask, as in
+      :func:`optax.masked`). Unmasked floating and complex leaves get plain
+      Adam with the same hyperparameters and no clipping; integer leaves are
+      untouched.
     per_channel: one alpha per slice along the last axis instead of one per
       tensor (beyond the paper); every binarized leaf needs at least two
       weights per channel.
@@ -468,7 +508,8 @@ _ALIAS_DOC = r"""{formula}
       see :func:`lab_optax.projected_adam`.
 
   Returns:
-    An :class:`optax.GradientTransformation` whose state is a
+    An :class:`optax.GradientTransformationExtraArgs` (``update`` ignores extra
+    keyword arguments, such as ``value=loss``) whose state is a
     :class:`lab_optax.ProjectedAdamState`.
 
   Examples:
@@ -510,18 +551,50 @@ binary_connect = _make_alias(
 )
 
 
-def _find_state(opt_state: Any) -> ProjectedAdamState:
+def _find_states(opt_state: Any) -> list[ProjectedAdamState]:
   found = [
     s
     for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, ProjectedAdamState))
     if isinstance(s, ProjectedAdamState)
   ]
-  if len(found) != 1:
+  if not found:
     raise ValueError(
-      f"expected exactly one lab_optax state in opt_state, found {len(found)}; "
-      "pass the state returned by tx.init of lab, bwn, binary_connect or projected_adam"
+      "found no lab_optax state in opt_state; pass the state returned by tx.init of lab, "
+      "bwn, binary_connect or projected_adam (possibly inside optax wrappers)"
     )
-  return found[0]
+  return found
+
+
+def _per_leaf(params: Any, tree: Any, what: str) -> list[Any]:
+  """The entries of ``tree`` at the leaves of ``params``.
+
+  ``optax.MaskedNode()`` in ``tree`` may stand for a whole subtree of params:
+  ``optax.masked`` with a prefix mask, or ``optax.partition``, hands the inner
+  transformation such a tree.
+  """
+  try:
+    full = jax.tree.broadcast(tree, params, is_leaf=_is_masked)
+  except (ValueError, TypeError) as e:
+    raise ValueError(f"{what} do not have the structure of the params: {e}") from None
+  return _flatten_like(jax.tree.structure(params), full, what)
+
+
+def _merge_masked(a: Any, b: Any, where: str) -> Any:
+  """One tree from two whose non-masked parts are disjoint."""
+
+  def merge(x, y):
+    if _is_masked(x):
+      return y
+    if _is_masked(y):
+      return x
+    raise ValueError(f"two lab_optax states quantize the same leaf ({where})")
+
+  try:
+    return jax.tree.map(merge, a, b, is_leaf=_is_masked)
+  except (ValueError, TypeError) as e:
+    if "two lab_optax states" in str(e):
+      raise
+    return jax.tree.map(lambda y, x: merge(x, y), b, a, is_leaf=_is_masked)
 
 
 def binarize_params(params: optax.Params, opt_state: optax.OptState) -> optax.Params:
@@ -532,7 +605,10 @@ def binarize_params(params: optax.Params, opt_state: optax.OptState) -> optax.Pa
   (``t = 1``: ``alpha = mean(|w|)`` for LAB and BWN, ``1`` for BinaryConnect),
   so the first forward pass already uses binarized weights. It also rebuilds
   binarized params from a restored optimizer state. The state may be nested in
-  any optax wrapper (``chain``, ``inject_hyperparams``, ``MultiSteps``, ...).
+  any optax wrapper (``chain``, ``masked`` with a full or prefix mask,
+  ``inject_hyperparams``, ``MultiSteps``, ...), and may hold several lab_optax
+  states, for example one per group of an ``optax.partition``; each leaf is
+  taken from the state that binarizes it.
 
   Args:
     params: the params given to ``tx.init``.
@@ -541,21 +617,38 @@ def binarize_params(params: optax.Params, opt_state: optax.OptState) -> optax.Pa
   Returns:
     params with every binarized leaf replaced by ``alpha * sign(latent)`` in the
     leaf's dtype; other leaves are returned as they are.
-  """
-  state = _find_state(opt_state)
 
-  def one(p, w, a):
-    if _is_masked(w):
+  Raises:
+    ValueError: if ``opt_state`` holds no lab_optax state, if a state does not
+      fit the params (naming the leaf or tree), or if two states binarize the
+      same leaf.
+  """
+  treedef = jax.tree.structure(params)
+  flat_params = treedef.flatten_up_to(params)
+  paths = _leaf_paths(params)
+  chosen: list[Any] = [None] * len(flat_params)
+  for state in _find_states(opt_state):
+    latent = _per_leaf(params, state.latent, "the optimizer state's latent weights")
+    alpha = _per_leaf(params, state.alpha, "the optimizer state's alphas")
+    _check_shapes(paths, flat_params, latent, "the latent weight tensor")
+    for i, (w, a) in enumerate(zip(latent, alpha)):
+      if _is_masked(w):
+        continue
+      if chosen[i] is not None:
+        raise ValueError(
+          f"two lab_optax states in opt_state binarize the leaf at {paths[i]}; give each "
+          "leaf to one of them (optax.partition, or masks that do not overlap)"
+        )
+      chosen[i] = (w, a)
+
+  def one(p, found):
+    if found is None:
       return p
+    w, a = found
     p = jnp.asarray(p)
     return (a * projections.binary_sign(w)).astype(p.dtype)
 
-  treedef = jax.tree.structure(params)
-  flat_params = treedef.flatten_up_to(params)
-  latent = _flatten_like(treedef, state.latent, "the optimizer state's latent weights")
-  alpha = _flatten_like(treedef, state.alpha, "the optimizer state's alphas")
-  _check_shapes(_leaf_paths(params), flat_params, latent, "the latent weight tensor")
-  return treedef.unflatten(map(one, flat_params, latent, alpha))
+  return treedef.unflatten(map(one, flat_params, chosen))
 
 
 def latent_weights(opt_state: optax.OptState) -> optax.Params:
@@ -563,10 +656,16 @@ def latent_weights(opt_state: optax.OptState) -> optax.Params:
 
   Args:
     opt_state: a state of :func:`lab`, :func:`bwn`, :func:`binary_connect` or
-      :func:`projected_adam`, possibly nested in optax wrappers.
+      :func:`projected_adam`, possibly nested in optax wrappers. With several
+      lab_optax states (``optax.partition``), their latent weights are merged.
 
   Returns:
     A pytree with the params' structure: the latent weights at binarized
-    leaves and ``optax.MaskedNode()`` elsewhere.
+    leaves and ``optax.MaskedNode()`` elsewhere (a ``MaskedNode`` may stand for
+    a whole subtree that an ``optax.masked`` prefix mask leaves out).
   """
-  return _find_state(opt_state).latent
+  states = _find_states(opt_state)
+  latent = states[0].latent
+  for state in states[1:]:
+    latent = _merge_masked(latent, state.latent, "latent weights")
+  return latent

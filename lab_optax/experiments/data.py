@@ -17,8 +17,6 @@ CIFAR-10; 6000 images for SVHN), so the splits are fixed; the digits get a
 seeded stratified 60/20/20 split.
 """
 
-from __future__ import annotations
-
 import gzip
 import io
 import math

@@ -8,8 +8,6 @@ NNX functional pattern), batches are sharded over the devices given
 written after every epoch so that a run can be resumed.
 """
 
-from __future__ import annotations
-
 import dataclasses
 import functools
 import math
@@ -260,6 +258,32 @@ class _Checkpoints:
     return epoch, state, restored.meta
 
 
+def initial_state(task: Task, method: Method, seed: int, mesh: Mesh) -> tuple[Any, Any, Any]:
+  """A run before its first step: ``(graphdef, eval_graphdef, state)``.
+
+  ``state`` is the pure state of ``(model, optimizer)``, replicated over ``mesh``, with binarized
+  kernels on their first projection. ``graphdef`` merges ``state`` back into both, the model in
+  training mode; ``eval_graphdef`` merges ``state[0]`` into the model in evaluation mode.
+  """
+  model = task.make_model(method, nnx.Rngs(seed))
+  schedule = task.learning_rate(task.steps_per_epoch)
+  optimizer = nnx.Optimizer(
+    model, method.make_optimizer(schedule, model, task.grad_clip), wrt=nnx.Param
+  )
+  if method.optimizer is not None:
+    binarize_model(model, optimizer)  # the t = 1 projection
+  model.train()
+  graphdef, state = nnx.split((model, optimizer))
+  model.eval()
+  eval_graphdef = nnx.graphdef(model)
+  return graphdef, eval_graphdef, jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
+
+
+def shard_batch(batch: Batch, mesh: Mesh) -> Batch:
+  """A batch split along its first axis over the mesh's ``data`` axis (data-parallel)."""
+  return jax.device_put(batch, NamedSharding(mesh, PartitionSpec("data")))
+
+
 # Module-level and keyed on (graphdef, loss): the runs of one method share one
 # compilation across seeds.
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=2)
@@ -288,27 +312,14 @@ def run(
   progress: Callable[..., Any] | None = None,
 ) -> RunResult:
   """Trains one model with one method and seed; see the module docstring."""
-  model = task.make_model(method, nnx.Rngs(seed))
-  schedule = task.learning_rate(task.steps_per_epoch)
-  optimizer = nnx.Optimizer(
-    model, method.make_optimizer(schedule, model, task.grad_clip), wrt=nnx.Param
-  )
-  if method.optimizer is not None:
-    binarize_model(model, optimizer)  # the t = 1 projection
-  model.train()
-  graphdef, state = nnx.split((model, optimizer))
-  model.eval()
-  eval_graphdef = nnx.graphdef(model)
-
+  graphdef, eval_graphdef, state = initial_state(task, method, seed, mesh)
   replicated = NamedSharding(mesh, PartitionSpec())
-  batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
-  state = jax.device_put(state, replicated)
 
   def evaluate(batches) -> float:
     total = count = 0.0
     for batch in batches:
       s, n = _eval_step(
-        eval_graphdef, task.evaluate, state[0], jax.device_put(batch, batch_sharding)
+        eval_graphdef, task.evaluate, state[0], shard_batch(batch, mesh)
       )
       total, count = total + float(s), count + float(n)
     return task.scale * total / max(count, 1.0)
@@ -339,7 +350,7 @@ def run(
     rng = np.random.default_rng([seed, epoch])
     losses = []
     for i, batch in enumerate(task.train_batches(rng)):
-      state, loss = _train_step(graphdef, task.loss, state, jax.device_put(batch, batch_sharding))
+      state, loss = _train_step(graphdef, task.loss, state, shard_batch(batch, mesh))
       losses.append(loss)
       if bar is not None:
         bar.update(1)

@@ -18,8 +18,6 @@ runs inference from it: ``alpha * (x @ b)`` for real-valued inputs, and the
 exact XNOR-popcount product for binarized inputs.
 """
 
-from __future__ import annotations
-
 import dataclasses
 import functools
 from collections.abc import Callable, Mapping

@@ -1,18 +1,27 @@
 """Helpers that connect an NNX model with lab_optax's optimizers."""
 
-from __future__ import annotations
-
+import dataclasses
+import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from flax.nnx.nn import dtypes
 
 from lab_optax._src import packing
 from lab_optax._src.ste import binarize_ste
 from lab_optax._src.transform import binarize_params, latent_weights
-from lab_optax.nnx.layers import BinaryConv, BinaryLinear, BinaryParam, _mark_kernel_binarized
+from lab_optax.nnx.layers import (
+  BinaryConv,
+  BinaryLinear,
+  BinaryParam,
+  _BinaryOp,
+  _mark_kernel_binarized,
+)
+from lab_optax.nnx.summary import _binarized_layout, _is_kernel
 
 
 def _is_variable(x: Any) -> bool:
@@ -93,12 +102,90 @@ def binarize_model(model: nnx.Module, optimizer: nnx.Optimizer) -> None:
       _mark_kernel_binarized(module)
 
 
-def _binary_state(model: nnx.Module) -> nnx.State:
-  return nnx.as_pure(nnx.state(model, BinaryParam))
+def _class_name(module: nnx.Module) -> str:
+  cls = type(module)
+  return f"nnx.{cls.__name__}" if cls.__module__.startswith("flax.nnx") else cls.__name__
+
+
+def _op_name(module: nnx.Module) -> str:
+  return "dot_general" if isinstance(module, nnx.Linear) else "conv_general_dilated"
+
+
+def _packed_inference(module: nnx.Module, name: str) -> str | None:
+  """Why the binary layer made from ``module`` could not run from its packed ``name``, or ``None``.
+
+  The layers that can: plain ``nnx.Linear`` and ``nnx.Conv`` (exact classes:
+  a subclass may compute something else) and the binary layers' full-precision
+  kernels (``binarize_kernel=False``), with the default product and dtype
+  promotion, which the packed inference replaces, and for a conv no kernel
+  mask and a zero padding.
+  """
+  plain = type(module) in (nnx.Linear, nnx.Conv)
+  binary = isinstance(module, BinaryLinear | BinaryConv) and not module.binarize_kernel
+  if not (plain or binary):
+    return f"no packed inference for {_class_name(module)}"
+  if name != "kernel":
+    return f"no packed inference for {_class_name(module)}.{name}"
+  op = getattr(module, _op_name(module))
+  op = op.op if isinstance(op, _BinaryOp) else op
+  default = jax.lax.dot_general if isinstance(module, nnx.Linear) else jax.lax.conv_general_dilated
+  custom = []
+  if op is not default:
+    custom.append(f"a custom {_op_name(module)}")
+  if module.promote_dtype is not dtypes.promote_dtype:
+    custom.append("a custom promote_dtype")
+  if module.preferred_element_type is not None:
+    custom.append("a preferred_element_type")
+  if isinstance(module, nnx.Conv):
+    if module.mask is not None:
+      custom.append("a kernel mask")
+    try:
+      packing._padding(module.padding, len(module.kernel_size))
+    except (TypeError, ValueError):
+      custom.append(f"padding {module.padding!r}")
+  if custom:
+    return f"no packed inference for {_class_name(module)} with {' and '.join(custom)}"
+  return None
+
+
+def _to_binary_layer(module: nnx.Module, kernel: packing.PackedBinary) -> None:
+  """Makes ``module`` the binary layer that computes what it computes, with a packed kernel.
+
+  A plain ``nnx.Linear``/``nnx.Conv`` becomes, in place (same object), a
+  :class:`BinaryLinear`/:class:`BinaryConv` with ``binarize_inputs=False``; a
+  binary layer with ``binarize_kernel=False`` keeps its class and input
+  quantizer. Either way the kernel becomes a :class:`BinaryParam` (with its
+  metadata) and the layer binarizes its kernel, marked as already binarized
+  (as :func:`binarize_model` does), so that the float forward pass uses the
+  kernel as it is: after :func:`unpack_model` the layer computes what the
+  original layer computed, bit for bit.
+  """
+  op_name = _op_name(module)
+  op = getattr(module, op_name)
+  if isinstance(op, _BinaryOp):
+    op = dataclasses.replace(op, binarize_kernel=True, kernel_binarized=True)
+  else:
+    op = _BinaryOp(op, binarize_kernel=True, binarize_inputs=False, kernel_binarized=True)
+    cls = BinaryLinear if isinstance(module, nnx.Linear) else BinaryConv
+    # Both classes only add attributes: the instance layout is the same. object.__setattr__,
+    # not nnx's, which would record __class__ as an attribute of the graph node.
+    object.__setattr__(module, "__class__", cls)
+    module.binarize_inputs = False
+  setattr(module, op_name, op)
+  module.binarize_kernel = True
+  module.kernel = BinaryParam(kernel, **module.kernel.get_metadata())
+
+
+def _path(path: Sequence[Any], name: str) -> str:
+  return "/".join(map(str, (*path, name)))
+
+
+def _is_unpacked_binary(_path: Any, x: Any) -> bool:
+  return isinstance(x, BinaryParam) and not isinstance(x.get_value(), packing.PackedBinary)
 
 
 def pack_model(model: nnx.Module, *, per_channel: bool | None = None) -> nnx.Module:
-  """Replaces every :class:`BinaryParam` kernel by its packed form, in place, for inference.
+  """Replaces every binarized kernel by its packed form, in place, for inference.
 
   Each kernel becomes a :class:`lab_optax.PackedBinary`: its signs, 32 to a
   uint32 word along the reduction axis, and its alpha. The binary layers then
@@ -106,17 +193,44 @@ def pack_model(model: nnx.Module, *, per_channel: bool | None = None) -> nnx.Mod
   the XNOR-popcount product for binarized inputs. ``nnx.state(model)`` is then
   the deployable 1-bit network; save it with :func:`lab_optax.save_packed`.
 
+  The kernels packed are every :class:`BinaryParam` and, recognized by their
+  values, the kernels of plain ``nnx.Linear`` and ``nnx.Conv`` layers (and of
+  binary layers with ``binarize_kernel=False``) that are binarized, as
+  :func:`lab_optax.lab` leaves them with its default mask: one magnitude per
+  tensor, or one per output channel. Such a plain layer is turned, in place
+  (the same Python object), into the :class:`BinaryLinear` or
+  :class:`BinaryConv` with the same configuration and
+  ``binarize_inputs=False``; its kernel becomes a :class:`BinaryParam`. Its
+  float forward pass is unchanged (the kernel, already binarized, is used as
+  it is), so :func:`unpack_model` gives it back.
+
+  Kernels left in full precision (floating ``nnx.Param`` with ``ndim >= 2``
+  that are not binarized, or in a layer without packed inference such as
+  ``nnx.Embed``, ``nnx.Einsum``, ``nnx.LinearGeneral`` or a conv with a kernel
+  mask) are named in one ``UserWarning``, with the reason.
+
+  A packed file holds :class:`BinaryParam` kernels: load it into a freshly
+  built model with ``nnx.update(fresh, lab_optax.load_packed(path))``, then
+  call ``pack_model(fresh)``, which turns the plain layers that received a
+  packed kernel into binary layers (there is nothing to pack); a model built
+  from binary layers needs no such call.
+
   Args:
     model: a model whose binary kernels are binarized (trained with
       lab_optax's optimizers, or binarized with :func:`binarize_model`).
     per_channel: whether the alphas are per output channel; ``None`` reads it
-      from the values.
+      from the values. A plain layer's kernel binarized per channel is left
+      dense under ``per_channel=False``.
 
   Returns:
     ``model``, for chaining.
 
   Raises:
-    ValueError: naming the kernel, if a kernel is not binarized.
+    ValueError: naming the kernel, if a :class:`BinaryParam` kernel is not
+      binarized (then the model is unchanged).
+
+  Warns:
+    UserWarning: naming each kernel left in full precision, and why.
 
   Example usage::
 
@@ -132,15 +246,72 @@ def pack_model(model: nnx.Module, *, per_channel: bool | None = None) -> nnx.Mod
     (4, 2)
     >>> bool(jnp.allclose(layer(x), y, rtol=1e-6))
     True
+
+    A plain layer whose kernel is binarized becomes a binary layer:
+
+    >>> plain = nnx.Linear(64, 4, rngs=nnx.Rngs(0))
+    >>> plain.kernel.set_value(lab_optax.binarize_ste(plain.kernel.get_value()))
+    >>> y = plain(x)
+    >>> _ = pack_model(plain)
+    >>> type(plain).__name__, type(plain.kernel).__name__
+    ('BinaryLinear', 'BinaryParam')
+    >>> bool(jnp.allclose(plain(x), y, rtol=1e-6))
+    True
   """
-  state = _binary_state(model)
-  everything = jax.tree.map(lambda _: True, state)
-  nnx.update(model, packing.pack(state, everything, per_channel=per_channel))
+  conversions = []  # (module, packed kernel): applied once nothing can fail
+  dense = []  # (path, reason)
+  for path, module in nnx.iter_modules(model):
+    for name, variable in vars(module).items():
+      if not isinstance(variable, nnx.Param) or isinstance(variable, BinaryParam):
+        continue
+      kernel = variable.get_value()
+      if isinstance(kernel, packing.PackedBinary):  # loaded from a packed file
+        if _packed_inference(module, name) is None:
+          conversions.append((module, kernel))
+        continue
+      if not _is_kernel(kernel):
+        continue
+      if isinstance(kernel, jax.core.Tracer):
+        dense.append((_path(path, name), "traced: call pack_model outside jax.jit"))
+        continue
+      layout = _binarized_layout(kernel)
+      reason = _packed_inference(module, name)
+      if layout is None:
+        reason = "not binarized"
+      elif layout and per_channel is False:
+        reason = "binarized per output channel, but per_channel=False"
+      if reason is not None:
+        dense.append((_path(path, name), reason))
+        continue
+      layout = layout if per_channel is None else per_channel
+      conversions.append((module, packing.pack(kernel, True, per_channel=layout)))
+  state = nnx.as_pure(nnx.state(model, _is_unpacked_binary))
+  packed = packing.pack(state, jax.tree.map(lambda _: True, state), per_channel=per_channel)
+  for module, kernel in conversions:
+    _to_binary_layer(module, kernel)
+  nnx.update(model, packed)
+  if dense:
+    listed = ", ".join(f"{path} ({reason})" for path, reason in dense)
+    warnings.warn(
+      f"pack_model left {len(dense)} kernel{'s' if len(dense) > 1 else ''} in full precision: "
+      f"{listed}",
+      UserWarning,
+      stacklevel=2,
+    )
   return model
+
+
+def _holds_packed(_path: Any, x: Any) -> bool:
+  return isinstance(x, nnx.Variable) and isinstance(x.get_value(), packing.PackedBinary)
 
 
 def unpack_model(model: nnx.Module) -> nnx.Module:
   """Undoes :func:`pack_model` in place: kernels hold ``alpha * sign`` floats again.
+
+  The float kernels come back bit for bit. The plain ``nnx.Linear`` and
+  ``nnx.Conv`` layers that :func:`pack_model` turned into binary layers stay
+  :class:`BinaryLinear` and :class:`BinaryConv`; their forward pass uses the
+  binarized kernel as it is, so they compute what the plain layers computed.
 
   Args:
     model: a model packed by :func:`pack_model` (or loaded from a packed file).
@@ -148,7 +319,7 @@ def unpack_model(model: nnx.Module) -> nnx.Module:
   Returns:
     ``model``, for chaining.
   """
-  state = nnx.state(model, BinaryParam)
+  state = nnx.state(model, _holds_packed)
   packed = jax.tree.map(
     lambda v: v.get_value(), state, is_leaf=lambda x: isinstance(x, nnx.Variable)
   )
