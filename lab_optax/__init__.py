@@ -26,6 +26,7 @@ from lab_optax._src.transform import (
   lab,
   latent_weights,
   projected_adam,
+  quantize_params,
 )
 from lab_optax.nnx.summary import summary
 
@@ -52,6 +53,7 @@ __all__ = (
   "projected_adam",
   "projections",
   "proximal_binarize",
+  "quantize_params",
   "save_packed",
   "sign_ste",
   "summary",

@@ -574,3 +574,28 @@ def test_annotations_are_types_not_strings(name):
     assert annotation == optax.ScalarOrSchedule
   for fn in (lab_optax.binarize_params, lab_optax.proximal_binarize, lab_optax.summary):
     assert not any(isinstance(p.annotation, str) for p in inspect.signature(fn).parameters.values())
+
+
+@pytest.mark.parametrize("name", FULL)
+def test_nnx_optimizer_update_with_value_as_in_the_flax_tutorial(name):
+  from flax import nnx
+
+  model = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, OPTIMIZERS[name](0.05), wrt=nnx.Param)
+  lab_optax.nnx.binarize_model(model, optimizer)
+  x = jnp.linspace(-1.0, 1.0, 8).reshape(2, 4)
+
+  def loss_fn(model):
+    return jnp.mean((model(x) - 0.5) ** 2)
+
+  @nnx.jit
+  def train_step(model, optimizer):
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    optimizer.update(model, grads, value=loss)  # the tutorial passes the loss on
+    return loss
+
+  first = train_step(model, optimizer)
+  for _ in range(10):
+    last = train_step(model, optimizer)
+  assert last < first
+  assert len(np.unique(np.abs(np.asarray(model.kernel.get_value())))) == 1

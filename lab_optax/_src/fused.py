@@ -64,11 +64,11 @@ XLA programs), which can move a 16-bit stored value by one unit of its last
 place.
 """
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from jax import lax
-
-from lab_optax._src import projections
 
 # Largest row block, in elements (64 KiB of float32). From 2**15 elements up,
 # XLA:CPU splits the loop body's accumulator fusion over two threads
@@ -87,38 +87,54 @@ TEMP_BYTES = 16 << 20
 # With the automatic choice, smaller leaves keep the reference update.
 MIN_ELEMENTS = 1 << 12
 
-# Scale functions whose alpha is a ratio of sums over the leaf, and the sums
-# each needs: of d, of d * |w| and of |w|. Other scale functions, which this
-# module cannot split into blocks, get the reference update.
 _MOMENT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 _LATENT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
-_SUMS = {
-  projections.lab_scale: ("d", "dw"),
-  projections.bwn_scale: ("w",),
-  projections.binary_connect_scale: (),
-}
+
+def use_blocked(implementation: str | None, projection, m: Any, v: Any, w: Any) -> bool:
+  """Whether a quantized leaf gets the blocked update: the one choice of the path.
+
+  Args:
+    implementation: the transformation's ``implementation`` argument:
+      ``"reference"``, ``"blocked"`` or ``None`` (automatic: blocked for
+      leaves of at least :data:`MIN_ELEMENTS` elements in a single-device
+      process; ``update_binarized`` is then picked for XLA:CPU only, by
+      ``jax.lax.platform_dependent``).
+    projection: the transformation's projection.
+    m: the leaf's first moment.
+    v: its second moment.
+    w: its latent weights (``optax.MaskedNode()`` for a leaf not quantized).
+
+  Returns:
+    Whether :func:`update_binarized` may update the leaf.
+  """
+  if implementation == "reference" or not supports(projection, m, v, w):
+    return False
+  return implementation == "blocked" or (w.size >= MIN_ELEMENTS and jax.device_count() == 1)
 
 
-def supports(scale_fn, m: jax.Array, v: jax.Array, w: jax.Array) -> bool:
+def supports(projection, m: Any, v: Any, w: Any) -> bool:
   """Whether :func:`update_binarized` gives the reference step for a leaf.
 
   Args:
-    scale_fn: the transformation's scale function.
+    projection: the transformation's projection.
     m: the leaf's first moment.
     v: its second moment.
     w: its latent weights.
 
   Returns:
-    ``True`` for :func:`~lab_optax.projections.lab_scale`,
-    :func:`~lab_optax.projections.bwn_scale` and
-    :func:`~lab_optax.projections.binary_connect_scale`; float32, bfloat16 or
-    float16 moments; float32 or bfloat16 latent weights (a float16 one can
-    round a tiny weight to zero, and with it the sign that the reference takes
-    from the unrounded weight); at least two rows (all axes but the last) and
-    rows of at most :data:`MAX_ROW_ELEMENTS` elements.
+    ``True`` for a projection whose scale the blocks can add up
+    (``projection.blocked_sums(...)`` is not ``None``: LAB, BWN and
+    BinaryConnect); float32, bfloat16 or float16 moments; float32 or bfloat16
+    latent weights (a float16 one can round a tiny weight to zero, and with it
+    the sign that the reference takes from the unrounded weight); at least two
+    rows (all axes but the last) and rows of at most :data:`MAX_ROW_ELEMENTS`
+    elements.
   """
-  if scale_fn not in _SUMS or w.ndim < 2 or w.size == 0:
+  hook = getattr(projection, "blocked_sums", None)
+  if hook is None or hook(False) is None or not hasattr(w, "ndim"):
+    return False
+  if w.ndim < 2 or w.size == 0:
     return False
   if any(x.dtype not in _MOMENT_DTYPES for x in (m, v)) or w.dtype not in _LATENT_DTYPES:
     return False
@@ -201,7 +217,7 @@ def update_binarized(
   v: jax.Array,
   w: jax.Array,
   *,
-  scale_fn,
+  projection,
   learning_rate: jax.typing.ArrayLike,
   b1: jax.typing.ArrayLike,
   b2: jax.typing.ArrayLike,
@@ -210,6 +226,7 @@ def update_binarized(
   bc2: jax.Array,
   clip: jax.typing.ArrayLike | None,
   per_channel: bool,
+  weight_decay: jax.typing.ArrayLike = 0.0,
   guard_zero_d: bool,
   block: int = BLOCK_ELEMENTS,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
@@ -225,9 +242,9 @@ def update_binarized(
     m: the first moment (float32, bfloat16 or float16).
     v: the second moment (float32, bfloat16 or float16).
     w: the latent weights (float32 or bfloat16).
-    scale_fn: :func:`~lab_optax.projections.lab_scale`,
-      :func:`~lab_optax.projections.bwn_scale` or
-      :func:`~lab_optax.projections.binary_connect_scale`.
+    projection: a projection with the blocked hooks: ``blocked_sums`` (which
+      sums over the leaf its scale needs: of ``d``, of ``d * |w|``, of
+      ``|w|``) and ``scale_from_sums`` (the scale from them).
     learning_rate: the step's learning rate.
     b1: decay rate of the first moment.
     b2: decay rate of the second moment.
@@ -246,10 +263,11 @@ def update_binarized(
   """
   # Array hyperparameters (NumPy scalars, float64 under jax_enable_x64) are
   # used in float32, as the state is; Python numbers stay weakly typed.
-  learning_rate, b1, b2, eps, clip = (
+  learning_rate, b1, b2, eps, clip, weight_decay = (
     x if x is None or type(x) in (bool, int, float) else jnp.asarray(x, jnp.float32)
-    for x in (learning_rate, b1, b2, eps, clip)
+    for x in (learning_rate, b1, b2, eps, clip, weight_decay)
   )
+  decay = not (type(weight_decay) in (int, float) and weight_decay == 0)
   shape = w.shape
   cols = shape[-1]
   rows = w.size // cols
@@ -271,7 +289,7 @@ def update_binarized(
   # dynamic_update_slice to float32 over the whole array, on every iteration.
   m, v, w = map(_as_bits, (m, v, w))
   # Without eps, sum(d) can be zero and alpha falls back to mean(|w|), as in lab_scale.
-  names = _SUMS[scale_fn] + (("w",) if scale_fn is projections.lab_scale and guard_zero_d else ())
+  names = projection.blocked_sums(guard_zero_d)
 
   # Everything the loop reads besides the moments is made to depend on them,
   # the scalars included (computed per leaf from these copies of the bias
@@ -310,9 +328,8 @@ def update_binarized(
   overlap = rows % block_rows != 0
 
   def new_latent(old_w, m32, d):
-    w32 = old_w - learning_rate * (
-      (m32 * inv_bc1) / (jnp.where(d > 0, d, 1) if guard_zero_d else d)
-    )
+    step = (m32 * inv_bc1) / (jnp.where(d > 0, d, 1) if guard_zero_d else d)
+    w32 = old_w - learning_rate * (step + weight_decay * old_w if decay else step)
     return w32 if clip is None else jnp.clip(w32, -clip, clip)
 
   def add_terms(acc, d, abs_w, fresh):
@@ -386,14 +403,6 @@ def update_binarized(
   sums = dict(zip(names, _unpack(acc)))
 
   n = rows if per_channel else rows * cols
-  if scale_fn is projections.binary_connect_scale:
-    alpha = jnp.ones((cols,) if per_channel else (), jnp.float32)
-  elif scale_fn is projections.bwn_scale:
-    alpha = sums["w"] / n
-  else:
-    positive = sums["d"] > 0
-    alpha = sums["dw"] / jnp.where(positive, sums["d"], 1)
-    if guard_zero_d:
-      alpha = jnp.where(positive, alpha, sums["w"] / n)
+  alpha = projection.scale_from_sums(sums, n, (cols,) if per_channel else ())
   alpha = alpha * _one_after(*keep_alive).astype(alpha.dtype)
   return m, v, w.astype(jnp.float32), alpha

@@ -199,3 +199,158 @@ def proximal_binarize(w: Any, d: Any, *, per_channel: bool = False) -> Any:
     return (alpha * binary_sign(w)).astype(w.dtype)
 
   return jax.tree_util.tree_map_with_path(one, w, d)
+
+
+class Projection:
+  r"""A projection onto a quantized set: ``(w, d, axis) -> (codes, scale)``.
+
+  The one protocol every quantizing method of lab_optax follows, and the one a
+  user implements for a method of their own. It solves (exactly or
+  approximately)
+
+  .. math::
+
+    \min_{\text{scale},\ b \in L^n} \sum_i d_i (\text{scale} \cdot b_i - w_i)^2
+
+  where :math:`L` is the normalized level set :attr:`levels`, and knows how to
+  turn codes and scales back into weights. Subclasses define :attr:`levels`
+  and :meth:`__call__`; :meth:`initial` (the first projection, ``t = 1``),
+  :meth:`codes`, :meth:`dequantize` and :attr:`num_scales` have defaults.
+
+  Scales are reduced over ``axis`` with ``keepdims=True`` (``axis=None``: one
+  per tensor; all axes but the last: one per output channel). A projection
+  with two scales (one for the positive codes, one for the negative ones)
+  stacks them on a new leading axis of size 2.
+  """
+
+  #: The normalized level set, sorted: ``(-1.0, 1.0)`` for binary weights.
+  levels: tuple[float, ...] = ()
+  #: Scales per tensor (or per channel): 1, or 2 for separate positive and negative scales.
+  num_scales: int = 1
+
+  def __call__(
+    self, w: jax.Array, d: jax.Array | None, axis: Axis = None, codes: jax.Array | None = None
+  ) -> tuple[jax.Array, jax.Array]:
+    """Codes and scales of ``w`` under the curvature ``d``.
+
+    Args:
+      w: full-precision weights (at least float32 inside the optimizer).
+      d: positive curvature of ``w``'s shape, or ``None`` for a constant one.
+      axis: the axes each scale is reduced over (``None``: the whole tensor).
+      codes: the previous step's codes, for solvers that start from them
+        (``None``: no previous step).
+
+    Returns:
+      ``(codes, scale)``: codes of ``w``'s shape with values in
+      :attr:`levels`, and the scales, reduced over ``axis`` with keepdims.
+    """
+    raise NotImplementedError
+
+  def initial(self, w: jax.Array, axis: Axis = None) -> tuple[jax.Array, jax.Array]:
+    """The first projection (``t = 1``, before any gradient): ``self(w, None, axis)``."""
+    return self(w, None, axis)
+
+  def __init_subclass__(cls, **kwargs):
+    super().__init_subclass__(**kwargs)
+    # A projection is static data: the optimizer state holds it as a pytree
+    # node without leaves, so that quantize_params can rebuild the params.
+    jax.tree_util.register_static(cls)
+
+  #: Whether :meth:`__call__` starts from the previous step's codes (the
+  #: optimizer then passes them, recovered from the params with :meth:`codes`).
+  warm_start: bool = False
+
+  def codes(self, w: jax.Array, scale: jax.Array, axis: Axis = None) -> jax.Array:
+    """The codes this method gives ``w`` at ``scale``: the nearest level of ``w / scale``.
+
+    The optimizer calls it after rounding the scale (so that
+    ``optax.apply_updates`` lands exactly on the level set), and
+    :func:`lab_optax.quantize_params` calls it to rebuild the params from the
+    latent weights and scales of a restored state. Override it where the
+    method's codes do not follow from the scale alone.
+    """
+    del axis
+    levels = jnp.asarray(self.levels, jnp.result_type(w))
+    s = self._by_sign(scale, w >= 0)
+    x = jnp.where(s > 0, w / jnp.where(s > 0, s, 1), 0)
+    nearest = jnp.argmin(jnp.abs(x[..., None] - levels), axis=-1)
+    return jnp.where(jnp.isnan(w), w, levels[nearest])
+
+  def dequantize(self, codes: jax.Array, scale: jax.Array) -> jax.Array:
+    """The weights ``scale * codes`` (with two scales: by the sign of each code)."""
+    return codes * self._by_sign(scale, codes > 0)
+
+  def _by_sign(self, scale: jax.Array, positive: jax.Array) -> jax.Array:
+    if self.num_scales == 1:
+      return scale
+    return jnp.where(positive, scale[0], scale[1])
+
+
+class BinaryProjection(Projection):
+  """Binary weights ``alpha * binary_sign(w)``, with ``alpha`` from a scale function.
+
+  LAB, BWN and BinaryConnect are this projection with :func:`lab_scale`,
+  :func:`bwn_scale` and :func:`binary_connect_scale`.
+
+  Args:
+    scale_fn: ``(w, d, axis) -> alpha``, reduced over ``axis`` with keepdims.
+    initial_scale_fn: the scale of the first projection (``t = 1``, constant
+      ``d``); ``None`` uses ``scale_fn`` with ``d = None``.
+  """
+
+  levels = (-1.0, 1.0)
+
+  def __init__(self, scale_fn: ScaleFn, initial_scale_fn: ScaleFn | None = None):
+    self.scale_fn = scale_fn
+    self.initial_scale_fn = scale_fn if initial_scale_fn is None else initial_scale_fn
+
+  def __call__(self, w, d, axis=None, codes=None):
+    del codes
+    return binary_sign(w), self.scale_fn(w, d, axis)
+
+  def initial(self, w, axis=None):
+    return binary_sign(w), self.initial_scale_fn(w, None, axis)
+
+  def codes(self, w, scale, axis=None):
+    del scale, axis
+    return binary_sign(w)
+
+  # The blocked CPU update (lab_optax/_src/fused.py) adds the scale's sums up
+  # block by block: which sums each built-in scale needs, and the scale from them.
+  def blocked_sums(self, guard_zero_d: bool) -> tuple[str, ...] | None:
+    """The sums over the leaf that the scale needs (``"d"``, ``"dw"``: ``d * |w|``,
+    ``"w"``: ``|w|``), or ``None`` when the blocked update cannot compute it."""
+    if self.scale_fn is lab_scale:
+      # Without eps, sum(d) can be zero and alpha falls back to mean(|w|), as in lab_scale.
+      return ("d", "dw", "w") if guard_zero_d else ("d", "dw")
+    return {bwn_scale: ("w",), binary_connect_scale: ()}.get(self.scale_fn)
+
+  def scale_from_sums(self, sums: dict[str, jax.Array], n: int, shape: tuple[int, ...]):
+    """The scale from the sums of :meth:`blocked_sums` over ``n`` weights per scale."""
+    if self.scale_fn is binary_connect_scale:
+      return jnp.ones(shape, jnp.float32)
+    if self.scale_fn is bwn_scale:
+      return sums["w"] / n
+    positive = sums["d"] > 0
+    alpha = sums["dw"] / jnp.where(positive, sums["d"], 1)
+    return jnp.where(positive, alpha, sums["w"] / n) if "w" in sums else alpha
+
+  def __eq__(self, other):
+    return type(other) is type(self) and (other.scale_fn, other.initial_scale_fn) == (
+      self.scale_fn,
+      self.initial_scale_fn,
+    )
+
+  def __hash__(self):
+    return hash((type(self), self.scale_fn, self.initial_scale_fn))
+
+  def __repr__(self):
+    return f"BinaryProjection({self.scale_fn.__name__})"
+
+
+#: LAB's projection: ``alpha = ||d w||_1 / ||d||_1``; the first one uses ``mean|w|``.
+lab = BinaryProjection(lab_scale, bwn_scale)
+#: BWN's projection: ``alpha = mean|w|``.
+bwn = BinaryProjection(bwn_scale)
+#: BinaryConnect's projection: ``alpha = 1``.
+binary_connect = BinaryProjection(binary_connect_scale)

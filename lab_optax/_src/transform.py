@@ -47,6 +47,9 @@ class ProjectedAdamState(NamedTuple):
   # params' dtype if wider (float64 under x64). Not params-shaped: a scalar per
   # tensor, so optax.tree.map_params passes it to transform_non_params.
   alpha: optax.Params
+  # The projection (static: a pytree node without leaves), so that
+  # quantize_params can rebuild the params from the latent weights.
+  projection: Any = None
 
 
 _IMPLEMENTATIONS = (None, "reference", "blocked")
@@ -171,9 +174,19 @@ def _check_shapes(paths: list[str], params: list[Any], others: list[Any], what: 
       )
 
 
-def _flat_alpha(alpha: jax.Array, per_channel: bool) -> jax.Array:
+def _flat_alpha(alpha: jax.Array, ndim: int, per_channel: bool) -> jax.Array:
   # keepdims alpha -> shape () per tensor, (out,) per channel; both broadcast.
-  return alpha.reshape(alpha.shape[-1:] if per_channel and alpha.ndim else ())
+  # Two scales (a leading axis of 2) -> (2,) or (2, out).
+  lead = alpha.shape[: alpha.ndim - ndim]
+  return alpha.reshape(lead + (alpha.shape[-1:] if per_channel and ndim else ()))
+
+
+def _axis(w: jax.Array, per_channel: bool) -> Any:
+  return projections.reduction_axes(w.ndim, per_channel)
+
+
+def _is_zero(x: Any) -> bool:
+  return type(x) in (int, float) and x == 0
 
 
 def _round_significand(alpha: jax.Array, dtype: Any) -> jax.Array:
@@ -189,16 +202,23 @@ def projected_adam(
   b2: jax.typing.ArrayLike = 0.999,
   eps: jax.typing.ArrayLike = 1e-8,
   *,
-  scale_fn: projections.ScaleFn,
+  projection: projections.Projection | None = None,
+  scale_fn: projections.ScaleFn | None = None,
   clip: jax.typing.ArrayLike | None = 1.0,
   mask: masks_lib.MaskOrFn = None,
   per_channel: bool = False,
   mu_dtype: Any | None = None,
   latent_dtype: Any | None = None,
   initial_scale_fn: projections.ScaleFn | None = None,
+  weight_decay: jax.typing.ArrayLike = 0.0,
   implementation: str | None = None,
-) -> optax.GradientTransformation:
-  r"""Adam on full-precision latent weights, projected onto the binary set.
+) -> optax.GradientTransformationExtraArgs:
+  r"""Adam on full-precision latent weights, followed by a projection onto a quantized set.
+
+  Two pieces: Adam's scaling of the gradient, and a
+  :class:`~lab_optax.projections.Projection` that maps the latent weights and
+  Adam's curvature ``d`` to codes and scales (the proximal Newton step of
+  LAB, or any other quantizer).
 
   For each binarized leaf with gradient :math:`g_t` (taken at the binarized
   weights that the params hold):
@@ -211,12 +231,14 @@ def projected_adam(
       d_t &\leftarrow \sqrt{v_t / (1-\beta_2^t)} + \varepsilon \\
       w_t &\leftarrow \mathrm{clip}\big(w_{t-1} - \eta_t \, \tfrac{m_t / (1-\beta_1^t)}{d_t},
         -c, c\big) \\
-      \hat w_t &\leftarrow \alpha(w_t, d_t) \cdot \mathrm{sign}(w_t),
+      \hat w_t &\leftarrow \mathrm{scale}_t \cdot b_t, \quad
+      (b_t, \mathrm{scale}_t) = \mathrm{projection}(w_t, d_t),
     \end{align*}
 
-  where ``scale_fn`` gives :math:`\alpha` and ``sign(0) = +1``. The update is
-  :math:`\hat w_t - \hat w_{t-1}`, so ``optax.apply_updates`` writes the new
-  binarized weights into params. Other floating leaves get plain Adam with the
+  for binary projections :math:`b_t = \mathrm{sign}(w_t)` (``sign(0) = +1``)
+  and :math:`\mathrm{scale}_t = \alpha(w_t, d_t)` from ``scale_fn``. The
+  update is :math:`\hat w_t - \hat w_{t-1}`, so ``optax.apply_updates``
+  writes the new quantized weights into params. Other floating leaves get plain Adam with the
   same hyperparameters and no clipping (complex leaves too, as in
   ``optax.adam``); integer leaves are left untouched. An empty tree is a no-op.
 
@@ -230,7 +252,11 @@ def projected_adam(
     b1: decay rate of the first moment.
     b2: decay rate of the second moment.
     eps: added to ``sqrt(v_hat)``, both in Adam's denominator and in ``d``.
-    scale_fn: ``(w, d, axis) -> alpha``, e.g. :func:`lab_optax.projections.lab_scale`.
+    projection: a :class:`~lab_optax.projections.Projection`, e.g.
+      :data:`lab_optax.projections.lab`; give it or ``scale_fn``.
+    scale_fn: ``(w, d, axis) -> alpha`` of a binary projection, e.g.
+      :func:`lab_optax.projections.lab_scale` (the same as
+      ``projection=BinaryProjection(scale_fn, initial_scale_fn)``).
     clip: latent weights of binarized leaves are clipped to ``[-clip, clip]``
       after each step; ``None`` disables clipping.
     mask: ``None`` binarizes every floating leaf with ``ndim >= 2``; otherwise
@@ -243,15 +269,18 @@ def projected_adam(
     mu_dtype: dtype of the first moment; ``None`` uses the params' dtype.
     latent_dtype: dtype of the latent weights; ``None`` uses the params' dtype
       promoted to at least float32.
-    initial_scale_fn: scale of the first projection (``t = 1``, before any
-      gradient, see :func:`binarize_params`); ``None`` uses ``scale_fn`` with
-      constant ``d``.
+    initial_scale_fn: with ``scale_fn``, the scale of the first projection
+      (``t = 1``, before any gradient, see :func:`quantize_params`); ``None``
+      uses ``scale_fn`` with constant ``d``.
+    weight_decay: decoupled weight decay, as in :func:`optax.adamw`, applied
+      to the latent weights of quantized leaves (and to the other floating
+      leaves): ``w <- w - lr * (step + weight_decay * w)``.
     implementation: how binarized leaves are updated; the results agree up to
       rounding (the order of the additions in ``alpha``'s sums, the last bit
       of ``d`` and of the step now and then). ``"reference"``: the
       update equations as elementwise ``jnp`` code. ``"blocked"``: a loop over
       row blocks that updates the state in place, for the three built-in
-      scale functions, float32, bfloat16 or float16 moments and float32 or
+      binary projections, float32, bfloat16 or float16 moments and float32 or
       bfloat16 latent weights (other leaves get the reference); it avoids the
       full-size temporaries that XLA:CPU gives the reference.
       ``None``: blocked for leaves of at least ``2**12`` elements when XLA
@@ -265,8 +294,16 @@ def projected_adam(
   _check_hyperparams(b1, b2, eps, clip)
   if implementation not in _IMPLEMENTATIONS:
     raise ValueError(f"implementation must be one of {_IMPLEMENTATIONS}, got {implementation!r}")
-  if initial_scale_fn is None:
-    initial_scale_fn = scale_fn
+  if (projection is None) == (scale_fn is None):
+    raise ValueError("projected_adam takes a projection or a scale_fn (one of them)")
+  if projection is None:
+    projection = projections.BinaryProjection(scale_fn, initial_scale_fn)
+  elif initial_scale_fn is not None:
+    raise ValueError("initial_scale_fn goes with scale_fn; a projection has its own initial()")
+  if not isinstance(projection, projections.Projection):
+    raise TypeError(
+      f"projection must be a lab_optax.projections.Projection, got {type(projection).__name__}"
+    )
   # With eps = 0 and no gradient yet, d = 0: guard the division (a traced or
   # zero eps needs it, a positive Python eps does not).
   guard_zero_d = not (isinstance(eps, (int, float)) and eps > 0)
@@ -293,9 +330,10 @@ def projected_adam(
       if not binarized:
         return _MASKED
       p = jnp.asarray(p)
-      a = initial_scale_fn(p, None, projections.reduction_axes(p.ndim, per_channel))
+      axis = projections.reduction_axes(p.ndim, per_channel)
+      _, a = projection.initial(_f32(p), axis)
       dtype = _alpha_dtype(p.dtype)
-      return _round_significand(_flat_alpha(a, per_channel).astype(dtype), p.dtype)
+      return _round_significand(_flat_alpha(a, p.ndim, per_channel).astype(dtype), p.dtype)
 
     return ProjectedAdamState(
       count=jnp.zeros([], jnp.int32),
@@ -306,6 +344,7 @@ def projected_adam(
       # maps its function over every field shaped like them: alpha is not (one
       # scalar, or one value per channel, per tensor).
       alpha=_NOT_PARAMS if _is_params_placeholder(params) else jax.tree.map(alpha, params, flags),
+      projection=projection,
     )
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -317,6 +356,7 @@ def projected_adam(
     bc1 = 1 - jnp.asarray(b1, jnp.float32) ** count
     bc2 = 1 - jnp.asarray(b2, jnp.float32) ** count
     hyper = {"lr": lr, "b1": b1, "b2": b2, "eps": eps, "bc1": bc1, "bc2": bc2, "clip": clip}
+    hyper["wd"] = weight_decay
 
     def adam(g, m, v, h=hyper):
       g32 = _f32(jnp.asarray(g))
@@ -331,21 +371,21 @@ def projected_adam(
       step = (m32 / h["bc1"]) / (jnp.where(d > 0, d, 1) if guard_zero_d else d)
       return m32.astype(m.dtype), v32.astype(v.dtype), d, step
 
-    def reference(g, m, v, w, h=hyper):
+    def decayed(step, w, h):
+      return step if _is_zero(h["wd"]) else step + h["wd"] * w
+
+    def reference(g, m, v, w, codes=None, h=hyper):
       new_m, new_v, d, step = adam(g, m, v, h)
-      w32 = _f32(w) - h["lr"] * step
+      w32 = _f32(w)
+      w32 = w32 - h["lr"] * decayed(step, w32, h)
       if h["clip"] is not None:
         w32 = jnp.clip(w32, -h["clip"], h["clip"])
       axis = projections.reduction_axes(w32.ndim, per_channel)
-      return new_m, new_v, w32, _flat_alpha(scale_fn(w32, d, axis), per_channel)
+      _, a = projection(w32, d, axis, codes)
+      return new_m, new_v, w32, _flat_alpha(a, w32.ndim, per_channel)
 
     def blocks(m, v, w):
-      # Whether the blocked update may apply; see `implementation`.
-      if implementation == "reference" or _is_masked(w) or not fused.supports(scale_fn, m, v, w):
-        return False
-      return implementation == "blocked" or (
-        w.size >= fused.MIN_ELEMENTS and jax.device_count() == 1
-      )
+      return fused.use_blocked(implementation, projection, m, v, w)
 
     treedef = jax.tree.structure(updates)
     flat = [treedef.flatten_up_to(updates)] + [
@@ -369,7 +409,7 @@ def projected_adam(
         m,
         v,
         w,
-        scale_fn=scale_fn,
+        projection=projection,
         learning_rate=h["lr"],
         b1=h["b1"],
         b2=h["b2"],
@@ -377,6 +417,7 @@ def projected_adam(
         bc1=h["bc1"],
         bc2=h["bc2"],
         clip=h["clip"],
+        weight_decay=h["wd"],
         per_channel=per_channel,
         guard_zero_d=guard_zero_d,
         block=block,
@@ -388,9 +429,9 @@ def projected_adam(
         g, m, v, w, cpu=functools.partial(blocked, h=h), default=functools.partial(reference, h=h)
       )
 
-    def binarized(g, m, v, w):
+    def binarized(g, m, v, w, codes):
       if not blocks(m, v, w):
-        return reference(g, m, v, w)
+        return reference(g, m, v, w, codes)
       fast = blocked if implementation == "blocked" else automatic
       # The blocked loop (a while_loop) has no reverse-mode derivative: it is
       # differentiated as the reference, which it equals up to rounding.
@@ -399,20 +440,26 @@ def projected_adam(
     def leaf(g, p, m, v, w, a_old):
       if _is_masked(m):  # integer leaf: never touched
         return jnp.zeros_like(p), m, v, w, a_old
-      if _is_masked(w):  # full-precision leaf: plain Adam
+      if _is_masked(w):  # full-precision leaf: plain Adam (AdamW with weight_decay)
         new_m, new_v, _, step = adam(g, m, v)
+        if masks_lib.is_floating(p):
+          step = decayed(step, _f32(jnp.asarray(p)), hyper)
         return (-lr * step).astype(jnp.result_type(g)), new_m, new_v, w, a_old
-      new_m, new_v, w32, a = binarized(g, m, v, w)
+      p32 = _f32(jnp.asarray(p))
+      # Solvers that start from the previous codes get them from the params.
+      codes = projection.codes(p32, a_old, None) if projection.warm_start else None
+      new_m, new_v, w32, a = binarized(g, m, v, w, codes)
       a = _representable_alpha(a.astype(a_old.dtype), a_old, p.dtype)
-      new_p = a * projections.binary_sign(w32)
-      u = (new_p - _f32(jnp.asarray(p))).astype(p.dtype)
+      # The codes at the rounded scale: what quantize_params rebuilds from the state.
+      new_p = projection.dequantize(projection.codes(w32, a, _axis(w32, per_channel)), a)
+      u = (new_p - p32).astype(p.dtype)
       return u, new_m, new_v, w32.astype(w.dtype), a
 
     out = [leaf(*args) for args in zip(*flat)]
     # An empty tree (optax.masked or optax.partition with nothing selected) is a no-op.
     columns = list(zip(*out)) if out else [[]] * 5
     u, mu, nu, latent, alpha = (treedef.unflatten(column) for column in columns)
-    return u, ProjectedAdamState(count=count, mu=mu, nu=nu, latent=latent, alpha=alpha)
+    return u, ProjectedAdamState(count, mu, nu, latent, alpha, state.projection)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -440,7 +487,7 @@ def _differentiated_as(fast, slow, args, hyper):
   return f(*args, *(hyper[k] for k in names))
 
 
-def _make_alias(scale_fn, initial_scale_fn, name, formula):
+def _make_alias(projection, name, formula):
   def alias(
     learning_rate: optax.ScalarOrSchedule,
     b1: jax.typing.ArrayLike = 0.9,
@@ -452,20 +499,21 @@ def _make_alias(scale_fn, initial_scale_fn, name, formula):
     per_channel: bool = False,
     mu_dtype: Any | None = None,
     latent_dtype: Any | None = None,
+    weight_decay: jax.typing.ArrayLike = 0.0,
     implementation: str | None = None,
-  ) -> optax.GradientTransformation:
+  ) -> optax.GradientTransformationExtraArgs:
     return projected_adam(
       learning_rate,
       b1,
       b2,
       eps,
-      scale_fn=scale_fn,
-      initial_scale_fn=initial_scale_fn,
+      projection=projection,
       clip=clip,
       mask=mask,
       per_channel=per_channel,
       mu_dtype=mu_dtype,
       latent_dtype=latent_dtype,
+      weight_decay=weight_decay,
       implementation=implementation,
     )
 
@@ -504,6 +552,8 @@ _ALIAS_DOC = r"""{formula}
     mu_dtype: dtype of the first moment (``None``: the params' dtype).
     latent_dtype: dtype of the latent weights (``None``: the params' dtype,
       promoted to at least float32).
+    weight_decay: decoupled weight decay of the latent weights (and of the
+      other floating leaves), as in :func:`optax.adamw`.
     implementation: ``"reference"``, ``"blocked"`` or ``None`` (automatic);
       see :func:`lab_optax.projected_adam`.
 
@@ -530,22 +580,19 @@ _ALIAS_DOC = r"""{formula}
   """
 
 lab = _make_alias(
-  projections.lab_scale,
-  projections.bwn_scale,
+  projections.lab,
   "lab",
   "Loss-aware Binarization (LAB): proximal Newton steps with Adam's curvature.\n\n"
   "  alpha = ||d * w||_1 / ||d||_1 with d = sqrt(v_hat) + eps (Theorem 3.1). The\n"
   "  first projection, before any gradient, uses alpha = mean(|w|).",
 )
 bwn = _make_alias(
-  projections.bwn_scale,
-  projections.bwn_scale,
+  projections.bwn,
   "bwn",
   "Binary Weight Networks (BWN) baseline: alpha = mean(|w|).",
 )
 binary_connect = _make_alias(
-  projections.binary_connect_scale,
-  projections.binary_connect_scale,
+  projections.binary_connect,
   "binary_connect",
   "BinaryConnect baseline: alpha = 1, so binarized weights are sign(w).",
 )
@@ -600,6 +647,9 @@ def _merge_masked(a: Any, b: Any, where: str) -> Any:
 def binarize_params(params: optax.Params, opt_state: optax.OptState) -> optax.Params:
   """Puts params on the binary set held by ``opt_state``: ``alpha * sign(latent)``.
 
+  For other projections (ternary, m-bit) it puts them on their level set, as
+  :func:`quantize_params`.
+
   Call it once after ``tx.init(params)``: the latent weights start from the
   full-precision initialization and the params become their first projection
   (``t = 1``: ``alpha = mean(|w|)`` for LAB and BWN, ``1`` for BinaryConnect),
@@ -639,16 +689,40 @@ def binarize_params(params: optax.Params, opt_state: optax.OptState) -> optax.Pa
           f"two lab_optax states in opt_state binarize the leaf at {paths[i]}; give each "
           "leaf to one of them (optax.partition, or masks that do not overlap)"
         )
-      chosen[i] = (w, a)
+      chosen[i] = (w, a, state.projection)
 
   def one(p, found):
     if found is None:
       return p
-    w, a = found
-    p = jnp.asarray(p)
-    return (a * projections.binary_sign(w)).astype(p.dtype)
+    w, a, projection = found
+    p, w = jnp.asarray(p), jnp.asarray(w)
+    per_channel = a.ndim - (projection.num_scales > 1) >= 1
+    codes = projection.codes(_f32(w), a, _axis(w, per_channel))
+    return projection.dequantize(codes, a).astype(p.dtype)
 
   return treedef.unflatten(map(one, flat_params, chosen))
+
+
+def quantize_params(params: optax.Params, opt_state: optax.OptState) -> optax.Params:
+  """Puts params on the level set that ``opt_state`` describes, for any method.
+
+  After ``tx.init(params)`` this is the first projection (``t = 1``, the
+  method's projection with constant ``d``): call it once so that the first
+  forward pass already uses quantized weights. After a restore it gives the
+  params as they were saved: the codes that the projection gives the latent
+  weights at the state's scales. The state may be nested in any optax
+  wrapper and hold several lab_optax states; see :func:`binarize_params`,
+  which is the same function.
+
+  Args:
+    params: the params given to ``tx.init``.
+    opt_state: the state returned by ``tx.init`` (or a later one).
+
+  Returns:
+    params with every quantized leaf replaced by ``scale * codes`` in the
+    leaf's dtype; other leaves are returned as they are.
+  """
+  return binarize_params(params, opt_state)
 
 
 def latent_weights(opt_state: optax.OptState) -> optax.Params:

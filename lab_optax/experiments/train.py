@@ -318,9 +318,7 @@ def run(
   def evaluate(batches) -> float:
     total = count = 0.0
     for batch in batches:
-      s, n = _eval_step(
-        eval_graphdef, task.evaluate, state[0], shard_batch(batch, mesh)
-      )
+      s, n = _eval_step(eval_graphdef, task.evaluate, state[0], shard_batch(batch, mesh))
       total, count = total + float(s), count + float(n)
     return task.scale * total / max(count, 1.0)
 
