@@ -440,3 +440,24 @@ def test_mismatched_trees_and_shapes_name_the_leaf():
     lab_optax.binarize_params(params, other)
   with pytest.raises(ValueError, match="latent weights do not have the structure"):
     lab_optax.binarize_params({"a": params["a"], "c": params["b"]}, state)
+
+
+@pytest.mark.parametrize("implementation", ["reference", "blocked"])
+def test_weight_decay_is_decoupled_and_applied_to_the_latent_weights(implementation):
+  rng = np.random.default_rng(5)
+  params = {
+    "kernel": jnp.asarray(rng.uniform(-0.5, 0.5, (64, 80)), jnp.float32),
+    "bias": jnp.ones(80),
+  }
+  tx = lab_optax.lab(0.1, weight_decay=0.5, implementation=implementation)
+  state = tx.init(params)
+  params = lab_optax.binarize_params(params, state)
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  updates, new_state = jax.jit(tx.update)(zeros, state, params)
+  # A zero gradient gives a zero Adam step: only the decay moves the weights, as in optax.adamw.
+  latent = np.asarray(state.latent["kernel"])
+  np.testing.assert_allclose(new_state.latent["kernel"], latent - 0.1 * 0.5 * latent, rtol=1e-6)
+  np.testing.assert_allclose(updates["bias"], -0.1 * 0.5 * np.ones(80), rtol=1e-6)
+  adamw = optax.adamw(0.1, weight_decay=0.5)
+  expected, _ = adamw.update(zeros, adamw.init(params), params)
+  np.testing.assert_allclose(updates["bias"], expected["bias"], rtol=1e-6)

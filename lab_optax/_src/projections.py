@@ -270,7 +270,10 @@ class Projection:
     method's codes do not follow from the scale alone.
     """
     del axis
-    levels = jnp.asarray(self.levels, jnp.result_type(w))
+    # Ties go to the level nearer zero, then to the positive one: the ternary
+    # threshold rule keeps |w| = scale / 2 at 0, and sign(0) = +1.
+    order = sorted(self.levels, key=lambda level: (abs(level), -level))
+    levels = jnp.asarray(order, jnp.result_type(w))
     s = self._by_sign(scale, w >= 0)
     x = jnp.where(s > 0, w / jnp.where(s > 0, s, 1), 0)
     nearest = jnp.argmin(jnp.abs(x[..., None] - levels), axis=-1)
