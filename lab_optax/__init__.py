@@ -16,17 +16,26 @@ from lab_optax._src.packing import (
   xnor_dense,
   xnor_matmul,
 )
-from lab_optax._src.projections import binary_sign, proximal_binarize
+from lab_optax._src.projections import (
+  binary_sign,
+  proximal_binarize,
+  proximal_quantize,
+  proximal_ternarize,
+)
 from lab_optax._src.ste import binarize_ste, sign_ste
 from lab_optax._src.transform import (
   ProjectedAdamState,
+  absmean_ternary,
   binarize_params,
   binary_connect,
   bwn,
   lab,
+  laq,
+  lat,
   latent_weights,
   projected_adam,
   quantize_params,
+  twn,
 )
 from lab_optax.nnx.summary import summary
 
@@ -35,6 +44,7 @@ __version__ = "0.1.0"
 __all__ = (
   "PackedBinary",
   "ProjectedAdamState",
+  "absmean_ternary",
   "binarize_params",
   "binarize_ste",
   "binary_connect",
@@ -45,6 +55,8 @@ __all__ = (
   "default_mask",
   "flip_ratio",
   "lab",
+  "laq",
+  "lat",
   "latent_weights",
   "load_packed",
   "nnx",
@@ -53,10 +65,13 @@ __all__ = (
   "projected_adam",
   "projections",
   "proximal_binarize",
+  "proximal_quantize",
+  "proximal_ternarize",
   "quantize_params",
   "save_packed",
   "sign_ste",
   "summary",
+  "twn",
   "unpack",
   "xnor_conv",
   "xnor_dense",

@@ -1,9 +1,13 @@
 """Projections onto quantized sets, and the scale functions of the binary ones (public module)."""
 
 from lab_optax._src.projections import (
+  AbsmeanProjection,
   BinaryProjection,
+  MbitProjection,
   Projection,
   ScaleFn,
+  TernaryProjection,
+  TWNProjection,
   binary_connect,
   binary_connect_scale,
   binary_sign,
@@ -16,9 +20,13 @@ from lab_optax._src.projections import (
 )
 
 __all__ = (
+  "AbsmeanProjection",
   "BinaryProjection",
+  "MbitProjection",
   "Projection",
   "ScaleFn",
+  "TWNProjection",
+  "TernaryProjection",
   "binary_connect",
   "bwn",
   "lab",

@@ -1,7 +1,9 @@
 """An independent NumPy (float64) implementation of Algorithm 1 of Hou et al. (2017).
 
-Written from ../shared/PAPER.md section 2, without looking at lab_optax's code,
-so that the transformation can be held against it step by step.
+Written from the paper (Hou, Yao and Kwok, "Loss-aware Binarization of Deep
+Networks", ICLR 2017, arXiv:1611.01600: Section 3, Algorithm 1 and the closed
+form of Theorem 3.1), without looking at lab_optax's code, so that the
+transformation can be held against it step by step.
 """
 
 from __future__ import annotations

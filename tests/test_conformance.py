@@ -33,33 +33,56 @@ OPTIMIZERS = {
   "lab": lab_optax.lab,
   "bwn": lab_optax.bwn,
   "binary_connect": lab_optax.binary_connect,
+  "lat": lab_optax.lat,
+  "lat_exact": functools.partial(lab_optax.lat, solver="exact"),
+  "lat2": functools.partial(lab_optax.lat, scales=2),
+  "laq3": lab_optax.laq,
+  "laq3_log": functools.partial(lab_optax.laq, levels="log"),
+  "twn": lab_optax.twn,
+  "absmean": lab_optax.absmean_ternary,
 }
 ALL = list(OPTIMIZERS)
 FULL = ["lab"]  # the whole battery; the others get the parts that differ between methods
+BINARY = ["lab", "bwn", "binary_connect"]
 
 
 def is_masked(x):
   return isinstance(x, optax.MaskedNode)
 
 
+def lab_optax_states(opt_state):
+  is_state = lambda x: isinstance(x, lab_optax.ProjectedAdamState)  # noqa: E731
+  return [s for s in jax.tree.leaves(opt_state, is_leaf=is_state) if is_state(s)]
+
+
 def assert_on_level_set(params, opt_state):
-  """Every quantized leaf holds exactly the values ``alpha * {-1, +1}`` of its state."""
-  latent = lab_optax.latent_weights(opt_state)
-  flat_p = jax.tree.leaves(params)
-  flat_w = jax.tree.structure(params).flatten_up_to(
-    jax.tree.broadcast(latent, params, is_leaf=is_masked)
-  )
+  """Every quantized leaf holds exactly ``scale * codes`` of its state, on the level set.
+
+  The params equal what ``quantize_params`` rebuilds from the latent weights and
+  scales, and a leaf holds at most as many values as the level set has, per
+  scale (per output channel with ``per_channel=True``).
+  """
+  chex.assert_trees_all_equal(lab_optax.quantize_params(params, opt_state), params)
   checked = 0
-  for p, w in zip(flat_p, flat_w):
-    if is_masked(w):
-      continue
-    p = np.asarray(p, np.float32)
-    assert np.isfinite(p).all()
-    # One magnitude per tensor (or per output channel), both signs from the latent.
-    mags = np.abs(p).reshape(-1, p.shape[-1])
-    assert (mags == mags[:1]).all() or (mags == mags.flat[0]).all()
-    np.testing.assert_array_equal(np.sign(p), np.where(np.asarray(w) >= 0, 1, -1))
-    checked += 1
+  for state in lab_optax_states(opt_state):
+    latent = state.latent
+    flat_p = jax.tree.leaves(params)
+    flat_w = jax.tree.structure(params).flatten_up_to(
+      jax.tree.broadcast(latent, params, is_leaf=is_masked)
+    )
+    flat_a = jax.tree.structure(params).flatten_up_to(
+      jax.tree.broadcast(state.alpha, params, is_leaf=is_masked)
+    )
+    for p, w, a in zip(flat_p, flat_w, flat_a):
+      if is_masked(w):
+        continue
+      p = np.asarray(p, np.float32)
+      assert np.isfinite(p).all()
+      per_channel = np.ndim(a) - (state.projection.num_scales > 1) >= 1
+      columns = p.reshape(-1, p.shape[-1]).T if per_channel else [p.ravel()]
+      for column in columns:
+        assert len(np.unique(column)) <= len(state.projection.levels)
+      checked += 1
   assert checked, "no quantized leaf was checked"
 
 
@@ -283,16 +306,7 @@ def test_composes_with_optax_masked(name, mask_kind):
   p, s = binarized, state
   for _ in range(5):
     p, s, _ = step(p, s)
-  assert_on_level_set({"enc": {"kernel": p["enc"]["kernel"]}}, _sub_state(s))
-
-
-def _sub_state(state):
-  inner = [
-    x
-    for x in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, lab_optax.ProjectedAdamState))
-    if isinstance(x, lab_optax.ProjectedAdamState)
-  ][0]
-  return inner._replace(latent={"enc": {"kernel": inner.latent["enc"]["kernel"]}})
+  assert_on_level_set(p, s)
 
 
 @pytest.mark.parametrize("name", FULL)
@@ -531,8 +545,11 @@ def test_nan_latent_weights_give_nan_params(name):
   assert np.isnan(np.asarray(new["k1"])).all() and np.isnan(np.asarray(new["k2"])).all()
 
 
+LOSS_AWARE = {"lab", "lat", "lat_exact", "lat2", "laq3", "laq3_log"}
+
+
 @pytest.mark.parametrize("name", ALL)
-def test_learning_rate_zero_keeps_the_signs_and_latents(name):
+def test_learning_rate_zero_keeps_the_latents_but_moves_loss_aware_scales(name):
   params, loss = mixed_target()
   tx = OPTIMIZERS[name](0.0)
   params, state = start(tx, params)
@@ -540,11 +557,13 @@ def test_learning_rate_zero_keeps_the_signs_and_latents(name):
   updates, new_state = tx.update(grads, state, params)
   new = optax.apply_updates(params, updates)
   chex.assert_trees_all_equal(new_state.latent, state.latent)
-  np.testing.assert_array_equal(np.sign(new["k1"]), np.sign(params["k1"]))
-  moved = not np.array_equal(np.abs(new["k1"]), np.abs(params["k1"]))
-  # LAB's alpha depends on the curvature d, which the new gradient changes: it
-  # moves even with learning_rate=0. BWN's mean|w| and BinaryConnect's 1 do not.
-  assert moved == (name == "lab")
+  nonzero = np.asarray(new["k1"]) != 0
+  np.testing.assert_array_equal(np.sign(new["k1"])[nonzero], np.sign(state.latent["k1"])[nonzero])
+  moved = not np.array_equal(new["k1"], params["k1"])
+  # A loss-aware scale depends on the curvature d, which the new gradient
+  # changes: it moves even with learning_rate=0. BWN's mean|w|, BinaryConnect's
+  # 1, TWN's and absmean's scales depend on the latent weights alone.
+  assert moved == (name in LOSS_AWARE)
 
 
 @pytest.mark.parametrize("name", ALL)

@@ -23,8 +23,11 @@ FAST = [f"auto/{layout}/{method}" for layout in LAYOUTS for method in METHODS] +
 ]
 SLOW = [f"explicit/{layout}/{method}" for layout in LAYOUTS for method in METHODS[1:]]
 # Sharded reductions (alpha, matmuls, the batch mean) add in another order than
-# on one device; a per-shard alpha or a missing all-reduce is off by O(1).
-TOLERANCE = 2e-4
+# on one device; a per-shard alpha or a missing all-reduce is off by O(1). The
+# ten steps feed that back through the gradient: the largest difference,
+# BinaryConnect's first moment with per-channel shards, is 7e-6 after one step and
+# 9.7e-5 after three (with XLA's default and AVX code alike), the others below 1e-5.
+TOLERANCE = 1e-3
 
 
 @functools.cache

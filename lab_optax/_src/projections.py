@@ -19,6 +19,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from lab_optax._src import quantizers
+
 Axis = int | Sequence[int] | None
 ScaleFn = Callable[[jax.Array, jax.Array | None, Axis], jax.Array]
 
@@ -227,6 +229,10 @@ class Projection:
   levels: tuple[float, ...] = ()
   #: Scales per tensor (or per channel): 1, or 2 for separate positive and negative scales.
   num_scales: int = 1
+  #: Every quantized value is an integer multiple of ``scale / divisor`` (1 for
+  #: binary and ternary levels, ``n`` for linear m-bit levels). The optimizer
+  #: rounds ``scale / divisor`` so that ``optax.apply_updates`` lands exactly.
+  divisor: int = 1
 
   def __call__(
     self, w: jax.Array, d: jax.Array | None, axis: Axis = None, codes: jax.Array | None = None
@@ -357,3 +363,255 @@ lab = BinaryProjection(lab_scale, bwn_scale)
 bwn = BinaryProjection(bwn_scale)
 #: BinaryConnect's projection: ``alpha = 1``.
 binary_connect = BinaryProjection(binary_connect_scale)
+
+
+def _check_choice(name: str, value: Any, allowed: tuple[Any, ...]) -> None:
+  if isinstance(value, bool) or value not in allowed:
+    raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+class TernaryProjection(Projection):
+  """Loss-aware ternary weights (LAT): codes in ``{-1, 0, +1}``, one or two scales.
+
+  ``solver="exact"`` (LATe) is the exact minimizer of ``sum d (alpha b - w)^2``
+  (:func:`lab_optax.proximal_ternarize`); ``"approximate"`` (LATa) alternates
+  ``alpha`` and the threshold ``alpha / 2`` from the previous step's codes,
+  at most ``rounds`` rounds, until ``alpha`` moves by less than ``tol``.
+  ``scales=2`` has separate ``alpha+`` and ``alpha-`` (LAT2). The first
+  projection, with constant ``d``, is the exact L2-optimal ternary one.
+
+  Args:
+    solver: ``"exact"`` or ``"approximate"``.
+    scales: 1 or 2.
+    rounds: the approximate solver's rounds per step, at most.
+    tol: the approximate solver's tolerance on ``alpha`` (absolute).
+  """
+
+  levels = (-1.0, 0.0, 1.0)
+
+  def __init__(self, solver: str = "exact", scales: int = 1, rounds: int = 10, tol: float = 1e-6):
+    _check_choice("solver", solver, ("exact", "approximate"))
+    _check_choice("scales", scales, (1, 2))
+    if not (isinstance(rounds, int) and rounds >= 1):
+      raise ValueError(f"rounds must be a positive int, got {rounds!r}")
+    self.solver, self.num_scales, self.rounds, self.tol = solver, scales, rounds, tol
+    self.warm_start = solver == "approximate"
+
+  def __call__(self, w, d, axis=None, codes=None):
+    if self.solver == "exact":
+      return quantizers.ternary_exact(w, d, axis, scales=self.num_scales)
+    return quantizers.ternary_approximate(
+      w, d, axis, codes, self.rounds, self.tol, scales=self.num_scales
+    )
+
+  def initial(self, w, axis=None):
+    return quantizers.ternary_exact(w, None, axis, scales=self.num_scales)
+
+  def _key(self):
+    return (self.solver, self.num_scales, self.rounds, self.tol)
+
+  def __eq__(self, other):
+    return type(other) is type(self) and other._key() == self._key()
+
+  def __hash__(self):
+    return hash((type(self), self._key()))
+
+  def __repr__(self):
+    return f"TernaryProjection(solver={self.solver!r}, scales={self.num_scales})"
+
+
+class MbitProjection(Projection):
+  """Loss-aware m-bit weights (LAQ): ``alpha`` times linear or logarithmic levels.
+
+  Levels (``n = 2^(bits-1) - 1``): linear ``{0, +-1/n, ..., +-1}``, logarithmic
+  ``{0, +-2^-(n-1), ..., +-1/2, +-1}``. Alternates the nearest levels of
+  ``clip(w / alpha, -1, 1)`` and the weighted least-squares ``alpha``, from the
+  previous step's codes (see :func:`lab_optax.proximal_quantize`).
+
+  Args:
+    bits: from 2 to 8.
+    levels: ``"linear"`` or ``"log"``.
+    rounds: rounds per step, at most.
+    tol: tolerance on ``alpha`` (absolute).
+  """
+
+  warm_start = True
+
+  def __init__(self, bits: int = 3, levels: str = "linear", rounds: int = 10, tol: float = 1e-6):
+    self.level_set = quantizers.quantize_levels(bits, levels)  # validates bits and levels
+    self.bits, self.kind, self.rounds, self.tol = bits, levels, rounds, tol
+    self.levels = tuple(float(x) for x in self.level_set)
+    n = 2 ** (bits - 1) - 1
+    # Every value is an integer multiple of scale / divisor.
+    self.divisor = n if levels == "linear" else 2 ** (n - 1)
+
+  def __call__(self, w, d, axis=None, codes=None):
+    return quantizers.mbit_approximate(
+      w, d, axis, bits=self.bits, levels=self.kind, codes=codes, rounds=self.rounds, tol=self.tol
+    )
+
+  def dequantize(self, codes, scale):
+    if self.kind == "log":  # powers of two: exact
+      return codes * scale
+    # k * (scale / n) with an integer k: exact when scale is n times a short number.
+    return jnp.round(codes * self.divisor) * (scale / self.divisor)
+
+  def _key(self):
+    return (self.bits, self.kind, self.rounds, self.tol)
+
+  def __eq__(self, other):
+    return type(other) is type(self) and other._key() == self._key()
+
+  def __hash__(self):
+    return hash((type(self), self._key()))
+
+  def __repr__(self):
+    return f"MbitProjection(bits={self.bits}, levels={self.kind!r})"
+
+
+class TWNProjection(Projection):
+  """Ternary Weight Networks (Li and Liu, 2016), the baseline of LAT: ``d`` is ignored.
+
+  ``Delta = 0.7 mean|w|``, codes ``sign(w) 1[|w| > Delta]``,
+  ``alpha = mean(|w|)`` over the codes that are not 0.
+  """
+
+  levels = (-1.0, 0.0, 1.0)
+
+  def __call__(self, w, d, axis=None, codes=None):
+    return quantizers.twn(w, axis)
+
+  def codes(self, w, scale, axis=None):
+    del scale
+    codes, _ = quantizers.twn(w, axis)
+    return jnp.where(jnp.isnan(w), w, codes)
+
+  def __eq__(self, other):
+    return type(other) is type(self)
+
+  def __hash__(self):
+    return hash(type(self))
+
+  def __repr__(self):
+    return "TWNProjection()"
+
+
+class AbsmeanProjection(Projection):
+  """BitNet b1.58's absmean ternary quantizer (Ma et al., 2024): ``d`` is ignored.
+
+  ``gamma = mean|w|``, codes ``clip(round(w / (gamma + eps)), -1, 1)``, scale
+  ``gamma``.
+
+  Args:
+    eps: added to ``gamma`` in the division, as BitNet writes it.
+  """
+
+  levels = (-1.0, 0.0, 1.0)
+
+  def __init__(self, eps: float = 1e-5):
+    self.eps = eps
+
+  def __call__(self, w, d, axis=None, codes=None):
+    return quantizers.absmean(w, axis, self.eps)
+
+  def codes(self, w, scale, axis=None):
+    del scale
+    codes, _ = quantizers.absmean(w, axis, self.eps)
+    return jnp.where(jnp.isnan(w), w, codes)
+
+  def __eq__(self, other):
+    return type(other) is type(self) and other.eps == self.eps
+
+  def __hash__(self):
+    return hash((type(self), self.eps))
+
+  def __repr__(self):
+    return f"AbsmeanProjection(eps={self.eps})"
+
+
+def _proximal(name: str, projection: Projection, w: Any, d: Any, per_channel: bool) -> Any:
+  def one(path, w, d):
+    where = jax.tree_util.keystr(path) or "<root>"
+    w = jnp.asarray(w)
+    if not jnp.issubdtype(w.dtype, jnp.floating):
+      raise ValueError(
+        f"{name}: the leaf at {where} has dtype {w.dtype}; quantized weights must be floating"
+      )
+    w32 = w.astype(jnp.promote_types(w.dtype, jnp.float32))
+    try:
+      codes, scale = projection(w32, d, reduction_axes(w.ndim, per_channel))
+    except ValueError as e:
+      raise ValueError(f"{e} (leaf at {where})") from None
+    return projection.dequantize(codes, scale).astype(w.dtype)
+
+  if d is None:
+    return jax.tree_util.tree_map_with_path(lambda path, w: one(path, w, None), w)
+  return jax.tree_util.tree_map_with_path(one, w, d)
+
+
+def proximal_ternarize(
+  w: Any, d: Any, *, solver: str = "exact", scales: int = 1, per_channel: bool = False
+) -> Any:
+  r"""The loss-aware ternary projection (LAT) of Hou and Kwok (ICLR 2018).
+
+  For each weight tensor, solves
+
+  .. math::
+
+    \min_{\alpha > 0,\ b \in \{-1, 0, 1\}^n} \sum_i d_i (\alpha b_i - w_i)^2
+
+  exactly (``solver="exact"``: the best support is the ``k`` largest
+  ``|w|`` for some ``k``, found over every ``k``) or by alternating ``alpha``
+  and the threshold ``alpha / 2`` from ``sign(w)``, at most 10 rounds,
+  tolerance 1e-6 on ``alpha`` (``"approximate"``, as the authors' code).
+  ``scales=2`` gives separate scales to positive and negative codes. Works on
+  one array or matching pytrees, and under :func:`jax.jit`.
+
+  Args:
+    w: an array or a pytree of arrays.
+    d: positive curvature with the structure of ``w`` (``None``: constant,
+      which gives the L2-optimal ternary projection).
+    solver: ``"exact"`` or ``"approximate"``.
+    scales: 1 or 2.
+    per_channel: one scale per slice along the last axis.
+
+  Returns:
+    ``alpha * codes`` with the structure and dtypes of ``w``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from lab_optax import proximal_ternarize
+    >>> proximal_ternarize(jnp.array([1.0, 0.9, 0.1, -1.1]), None)
+    Array([ 1.,  1.,  0., -1.], dtype=float32)
+  """
+  return _proximal("proximal_ternarize", TernaryProjection(solver, scales), w, d, per_channel)
+
+
+def proximal_quantize(
+  w: Any, d: Any, *, bits: int = 3, levels: str = "linear", per_channel: bool = False
+) -> Any:
+  r"""The loss-aware m-bit projection (LAQ) of Hou and Kwok (ICLR 2018).
+
+  For each weight tensor, minimizes :math:`\sum_i d_i (\alpha b_i - w_i)^2`
+  over ``alpha`` and codes ``b`` on ``bits``-bit linear or logarithmic levels
+  by alternating the nearest levels and the weighted least-squares ``alpha``,
+  from ``alpha = max|w|``, at most 10 rounds (tolerance 1e-6 on ``alpha``).
+
+  Args:
+    w: an array or a pytree of arrays.
+    d: positive curvature with the structure of ``w`` (``None``: constant).
+    bits: from 2 to 8.
+    levels: ``"linear"`` or ``"log"``.
+    per_channel: one scale per slice along the last axis.
+
+  Returns:
+    ``alpha * codes`` with the structure and dtypes of ``w``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from lab_optax import proximal_quantize
+    >>> q = proximal_quantize(jnp.array([0.0, 1.1, 1.9, -3.0]), None, bits=3)
+    >>> (q / jnp.abs(q).max() * 3).round()  # on the levels alpha * k / 3
+    Array([ 0.,  1.,  2., -3.], dtype=float32)
+  """
+  return _proximal("proximal_quantize", MbitProjection(bits, levels), w, d, per_channel)

@@ -94,7 +94,31 @@ def _f32(x: jax.Array) -> jax.Array:
   return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
-def _representable_alpha(alpha: jax.Array, alpha_old: jax.Array, dtype: Any) -> jax.Array:
+def _kept_bits(dtype: Any, divisor: int = 1) -> int:
+  """Significant bits kept of ``scale / divisor``: ``P - 2``, less the bits of the largest code."""
+  return max(1, jnp.finfo(dtype).nmant + 1 - 2 - math.ceil(math.log2(divisor)))
+
+
+def _representable_scale(
+  scale: jax.Array, scale_old: jax.Array, dtype: Any, divisor: int = 1
+) -> jax.Array:
+  """:func:`_representable_alpha` of the step ``scale / divisor`` of m-bit levels.
+
+  Every quantized value is an integer ``k`` times the step, ``|k| <= divisor``:
+  the step keeps ``P - 2 - ceil(log2(divisor))`` significant bits (at least
+  one), so that every value, and the difference of an old and a new one, is
+  representable, as for binary weights. ``divisor`` is 1 for binary and ternary
+  levels.
+  """
+  if _is_power_of_two(divisor):  # the step's significand is the scale's
+    return _representable_alpha(scale, scale_old, dtype, divisor)
+  step = _representable_alpha(scale / divisor, scale_old / divisor, dtype, divisor)
+  return step * divisor
+
+
+def _representable_alpha(
+  alpha: jax.Array, alpha_old: jax.Array, dtype: Any, divisor: int = 1
+) -> jax.Array:
   """Rounds ``alpha`` so that ``optax.apply_updates`` lands exactly on it.
 
   ``apply_updates`` computes ``p + (n - p)`` with ``p = +-alpha_old`` and
@@ -118,9 +142,9 @@ def _representable_alpha(alpha: jax.Array, alpha_old: jax.Array, dtype: Any) -> 
   So every binarized leaf holds exactly the two values ``+-alpha`` after every
   step (in float16, for alphas in its normal range, above ``6e-5``).
   """
-  bits = jnp.finfo(dtype).nmant + 1 - 2
+  bits = _kept_bits(dtype, divisor)
   alpha = jnp.where(alpha_old > 0, jnp.minimum(alpha, alpha_old * 2.0), alpha)
-  rounded = _round_significand(alpha, dtype)
+  rounded = _round_significand(alpha, dtype, divisor)
   _, exponent = jnp.frexp(alpha_old)
   quantum = jnp.ldexp(jnp.ones_like(alpha_old), exponent - bits)  # alpha_old's last kept bit
   # Below float32's smallest normal number the quantum flushes to zero on some
@@ -129,7 +153,7 @@ def _representable_alpha(alpha: jax.Array, alpha_old: jax.Array, dtype: Any) -> 
   shrunk = jnp.where(
     normal,
     jnp.maximum(jnp.round(alpha / jnp.where(normal, quantum, 1.0)), 1.0) * quantum,
-    _round_significand(jnp.maximum(alpha, alpha_old * 0.5), dtype),
+    _round_significand(jnp.maximum(alpha, alpha_old * 0.5), dtype, divisor),
   )
   return jnp.where((alpha_old > 0) & (alpha < alpha_old * 0.5), shrunk, rounded)
 
@@ -189,8 +213,21 @@ def _is_zero(x: Any) -> bool:
   return type(x) in (int, float) and x == 0
 
 
-def _round_significand(alpha: jax.Array, dtype: Any) -> jax.Array:
-  bits = jnp.finfo(dtype).nmant + 1 - 2
+def _round_scale(scale: jax.Array, dtype: Any, divisor: int = 1) -> jax.Array:
+  """A first scale whose step ``scale / divisor`` keeps :func:`_kept_bits` bits."""
+  if _is_power_of_two(divisor):  # the step's significand is the scale's
+    return _round_significand(scale, dtype, divisor)
+  return _round_significand(scale / divisor, dtype, divisor) * divisor
+
+
+def _is_power_of_two(n: int) -> bool:
+  # Dividing by a power of two keeps the significand; for logarithmic levels
+  # (divisor up to 2**126) it would also overflow an integer or underflow.
+  return n & (n - 1) == 0
+
+
+def _round_significand(alpha: jax.Array, dtype: Any, divisor: int = 1) -> jax.Array:
+  bits = _kept_bits(dtype, divisor)
   mantissa, exponent = jnp.frexp(alpha)
   mantissa = jnp.round(mantissa * 2.0**bits) * 2.0**-bits
   return jnp.ldexp(mantissa, exponent)
@@ -333,7 +370,8 @@ def projected_adam(
       axis = projections.reduction_axes(p.ndim, per_channel)
       _, a = projection.initial(_f32(p), axis)
       dtype = _alpha_dtype(p.dtype)
-      return _round_significand(_flat_alpha(a, p.ndim, per_channel).astype(dtype), p.dtype)
+      a = _flat_alpha(a, p.ndim, per_channel).astype(dtype)
+      return _round_scale(a, p.dtype, projection.divisor)
 
     return ProjectedAdamState(
       count=jnp.zeros([], jnp.int32),
@@ -449,7 +487,7 @@ def projected_adam(
       # Solvers that start from the previous codes get them from the params.
       codes = projection.codes(p32, a_old, None) if projection.warm_start else None
       new_m, new_v, w32, a = binarized(g, m, v, w, codes)
-      a = _representable_alpha(a.astype(a_old.dtype), a_old, p.dtype)
+      a = _representable_scale(a.astype(a_old.dtype), a_old, p.dtype, projection.divisor)
       # The codes at the rounded scale: what quantize_params rebuilds from the state.
       new_p = projection.dequantize(projection.codes(w32, a, _axis(w32, per_channel)), a)
       u = (new_p - p32).astype(p.dtype)
@@ -596,6 +634,201 @@ binary_connect = _make_alias(
   "binary_connect",
   "BinaryConnect baseline: alpha = 1, so binarized weights are sign(w).",
 )
+
+
+_LOW_BIT_ARGS = """
+  Adam runs on full-precision latent weights kept in the optimizer state; after
+  each step they are clipped to ``[-clip, clip]`` and projected onto the level
+  set. Params always hold the quantized weights ``scale * codes``, which is
+  what the forward pass uses and what the gradient is taken at; call
+  :func:`lab_optax.quantize_params` after ``init`` for the first projection.
+  See :func:`lab_optax.projected_adam` for the update equations and for the
+  arguments ``b1``, ``b2``, ``eps``, ``clip``, ``mask``, ``per_channel``,
+  ``mu_dtype``, ``latent_dtype``, ``weight_decay`` and ``implementation``
+  (the blocked CPU update serves the binary projections; these get the
+  reference update).
+"""
+
+
+def _low_bit(
+  projection, learning_rate, b1, b2, eps, clip, mask, per_channel, mu_dtype, latent_dtype,
+  weight_decay, implementation,
+):  # fmt: skip
+  return projected_adam(
+    learning_rate,
+    b1,
+    b2,
+    eps,
+    projection=projection,
+    clip=clip,
+    mask=mask,
+    per_channel=per_channel,
+    mu_dtype=mu_dtype,
+    latent_dtype=latent_dtype,
+    weight_decay=weight_decay,
+    implementation=implementation,
+  )
+
+
+def lat(
+  learning_rate: optax.ScalarOrSchedule,
+  b1: jax.typing.ArrayLike = 0.9,
+  b2: jax.typing.ArrayLike = 0.999,
+  eps: jax.typing.ArrayLike = 1e-8,
+  *,
+  solver: str = "approximate",
+  scales: int = 1,
+  clip: jax.typing.ArrayLike | None = 1.0,
+  mask: masks_lib.MaskOrFn = None,
+  per_channel: bool = False,
+  mu_dtype: Any | None = None,
+  latent_dtype: Any | None = None,
+  weight_decay: jax.typing.ArrayLike = 0.0,
+  implementation: str | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  """Loss-aware ternarization (LAT): proximal Newton steps onto ``alpha * {{-1, 0, +1}}``.
+
+  The follow-up of LAB (Hou and Kwok, ICLR 2018): the same step, with the
+  projection :class:`lab_optax.projections.TernaryProjection`.
+  ``solver="exact"`` (LATe) minimizes ``sum d (alpha b - w)^2`` exactly;
+  ``"approximate"`` (LATa, the default) alternates ``alpha`` and the threshold
+  ``alpha / 2``, warm-started from the current codes, at most 10 rounds per
+  step (tolerance 1e-6 on ``alpha``). ``scales=2`` has separate ``alpha+`` and
+  ``alpha-`` (LAT2). The first projection is the exact L2-optimal ternary one.
+  {args}
+  Every quantized leaf holds at most three values after every step. With one
+  scale they are exactly ``{{-alpha, 0, alpha}}`` (as LAB's two values); with
+  two, each scale is rounded against its own previous value, so a weight that
+  flips from ``+alpha+`` to ``-alpha-`` lands within one unit in the last
+  place of ``-alpha-`` when ``alpha+ + alpha-`` is not representable.
+
+  Raises:
+    ValueError: for an unknown ``solver`` or ``scales`` not 1 or 2.
+
+  References:
+    Hou and Kwok, `Loss-aware Weight Quantization of Deep Networks
+    <https://arxiv.org/abs/1802.08635>`_, ICLR 2018.
+  """
+  return _low_bit(
+    projections.TernaryProjection(solver, scales), learning_rate, b1, b2, eps, clip, mask,
+    per_channel, mu_dtype, latent_dtype, weight_decay, implementation,
+  )  # fmt: skip
+
+
+def laq(
+  learning_rate: optax.ScalarOrSchedule,
+  b1: jax.typing.ArrayLike = 0.9,
+  b2: jax.typing.ArrayLike = 0.999,
+  eps: jax.typing.ArrayLike = 1e-8,
+  *,
+  bits: int = 3,
+  levels: str = "linear",
+  clip: jax.typing.ArrayLike | None = 1.0,
+  mask: masks_lib.MaskOrFn = None,
+  per_channel: bool = False,
+  mu_dtype: Any | None = None,
+  latent_dtype: Any | None = None,
+  weight_decay: jax.typing.ArrayLike = 0.0,
+  implementation: str | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  """Loss-aware m-bit quantization (LAQ): ``alpha`` times linear or logarithmic levels.
+
+  With ``n = 2^(bits-1) - 1``: linear levels ``{{0, +-1/n, ..., +-1}}``,
+  logarithmic ``{{0, +-2^-(n-1), ..., +-1/2, +-1}}`` (:class:`lab_optax.projections.MbitProjection`).
+  Each step alternates the nearest levels of ``clip(w / alpha, -1, 1)`` and the
+  weighted least-squares ``alpha = sum(d b w) / sum(d b^2)``, warm-started from
+  the current codes, at most 10 rounds. The authors' code takes
+  ``sum(|b| d |w|) / sum(|b| d)`` instead, which is the least squares only for
+  ternary codes.
+  {args}
+  Every quantized leaf holds at most ``2^bits - 1`` values after every step,
+  exactly on its level set: the step ``alpha / n`` (linear) or
+  ``alpha * 2^-(n-1)`` (log) keeps ``P - 2 - ceil(log2(n))`` significant bits
+  (at least one; ``P``: 24 for float32, 8 for bfloat16, 11 for float16), so
+  that ``optax.apply_updates`` lands on it. That holds for linear levels of 2
+  to 8 bits in float32, bfloat16 and float16, and for log levels of 2 to 8 bits
+  in float32 and 2 to 5 bits in bfloat16 and float16. Log levels of 6 bits and
+  more span more binary orders (``2^-30`` and below) than a 16-bit float
+  holds: there the smallest levels may be off by a unit in the last place
+  (measured: ``1.5e-5`` of ``alpha`` at most).
+
+  Raises:
+    ValueError: for ``bits`` outside 2..8 or unknown ``levels``.
+
+  References:
+    Hou and Kwok, `Loss-aware Weight Quantization of Deep Networks
+    <https://arxiv.org/abs/1802.08635>`_, ICLR 2018.
+  """
+  return _low_bit(
+    projections.MbitProjection(bits, levels), learning_rate, b1, b2, eps, clip, mask,
+    per_channel, mu_dtype, latent_dtype, weight_decay, implementation,
+  )  # fmt: skip
+
+
+def twn(
+  learning_rate: optax.ScalarOrSchedule,
+  b1: jax.typing.ArrayLike = 0.9,
+  b2: jax.typing.ArrayLike = 0.999,
+  eps: jax.typing.ArrayLike = 1e-8,
+  *,
+  clip: jax.typing.ArrayLike | None = 1.0,
+  mask: masks_lib.MaskOrFn = None,
+  per_channel: bool = False,
+  mu_dtype: Any | None = None,
+  latent_dtype: Any | None = None,
+  weight_decay: jax.typing.ArrayLike = 0.0,
+  implementation: str | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  """Ternary Weight Networks (TWN), LAT's baseline: ``Delta = 0.7 mean|w|``, d ignored.
+
+  Codes ``sign(w) 1[|w| > Delta]`` and ``alpha = mean(|w|)`` over them, in the
+  same machinery as LAT (Adam on latent weights, clip, gradient at the
+  quantized point), as :func:`lab_optax.bwn` is for LAB.
+  {args}
+  References:
+    Li and Liu, `Ternary Weight Networks <https://arxiv.org/abs/1605.04711>`_, 2016.
+  """
+  return _low_bit(
+    projections.TWNProjection(), learning_rate, b1, b2, eps, clip, mask, per_channel,
+    mu_dtype, latent_dtype, weight_decay, implementation,
+  )  # fmt: skip
+
+
+def absmean_ternary(
+  learning_rate: optax.ScalarOrSchedule,
+  b1: jax.typing.ArrayLike = 0.9,
+  b2: jax.typing.ArrayLike = 0.999,
+  eps: jax.typing.ArrayLike = 1e-8,
+  *,
+  absmean_eps: float = 1e-5,
+  clip: jax.typing.ArrayLike | None = 1.0,
+  mask: masks_lib.MaskOrFn = None,
+  per_channel: bool = False,
+  mu_dtype: Any | None = None,
+  latent_dtype: Any | None = None,
+  weight_decay: jax.typing.ArrayLike = 0.0,
+  implementation: str | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  """BitNet b1.58's absmean ternary quantizer, in LAT's machinery: d ignored.
+
+  ``gamma = mean|w|``, codes ``clip(round(w / (gamma + absmean_eps)), -1, 1)``,
+  weights ``gamma * codes`` (Ma et al., 2024, eqs. 9-11). BitNet trains it with
+  a straight-through estimator and AdamW: here the gradient at the quantized
+  weights steps the latent weights, which is the same rule, and
+  ``weight_decay`` is AdamW's decoupled decay of the latent weights.
+  {args}
+  References:
+    Ma et al., `The Era of 1-bit LLMs: All Large Language Models are in 1.58 Bits
+    <https://arxiv.org/abs/2402.17764>`_, 2024.
+  """
+  return _low_bit(
+    projections.AbsmeanProjection(absmean_eps), learning_rate, b1, b2, eps, clip, mask,
+    per_channel, mu_dtype, latent_dtype, weight_decay, implementation,
+  )  # fmt: skip
+
+
+for _fn in (lat, laq, twn, absmean_ternary):
+  _fn.__doc__ = _fn.__doc__.format(args=_LOW_BIT_ARGS)
 
 
 def _find_states(opt_state: Any) -> list[ProjectedAdamState]:

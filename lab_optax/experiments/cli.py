@@ -1,7 +1,5 @@
 """The ``lab-optax`` command line: the paper's experiments, ``lab-optax mlp | cnn | lstm``."""
 
-from __future__ import annotations
-
 import argparse
 import json
 import math
@@ -19,9 +17,9 @@ from lab_optax.experiments import data as data_lib
 
 METHOD_NAMES = ("fp", "bc", "bwn", "lab", "bnn", "xnor", "lab2")
 
-# The paper's figures, for the table printed at the end (PAPER.md, Tables 1, 2 and 3), keyed on
-# (experiment, dataset). They are shown only beside runs of the paper's dataset and architecture:
-# see _paper_figures.
+# The paper's figures (Hou, Yao and Kwok, ICLR 2017, arXiv:1611.01600: Tables 1, 2 and 3), for
+# the table printed at the end, keyed on (experiment, dataset). They are shown only beside runs
+# of the paper's dataset and architecture: see _paper_figures.
 PAPER = {
     ("mlp", "mnist"): {
         "fp": 1.190, "bc": 1.280, "bwn": 1.200, "lab": 1.170, "bnn": 1.470, "xnor": 1.450, "lab2": 1.380,
