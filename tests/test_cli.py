@@ -385,6 +385,7 @@ def test_resume_of_nothing_says_so_and_a_diverged_run_stays_stopped(tmp_path, ca
   assert len(load_results(out)["results"][0]["train_loss_curve"]) == 1
 
 
+@pytest.mark.slow  # about a minute; test_checkpoints_resume_* covers --resume by default
 def test_killed_run_resumes_to_the_same_result(tmp_path):
   """Kill a training run after its first checkpoint, resume it, and get the uninterrupted result."""
   text = tmp_path / "corpus.txt"
@@ -428,6 +429,7 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
     assert a[key] == b[key], key
 
 
+@pytest.mark.slow  # a whole epoch; test_one_data_parallel_step_matches_one_device runs by default
 def test_data_parallel_over_eight_devices_matches_one_device(tmp_path):
   """--devices N shards each batch over N (simulated) devices; the first epoch matches one device."""
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}

@@ -388,6 +388,10 @@ def test_a_nan_latent_weight_gives_a_nan_param_for_every_method():
       lambda: lab_optax.projections.TernaryProjection("approximate", rounds=0),
       "rounds must be a positive int",
     ),
+    (
+      lambda: lab_optax.projections.MbitProjection(3, rounds=0),
+      "rounds must be a positive int",
+    ),
   ],
 )
 def test_construction_errors_are_value_errors_that_say_what_is_wrong(make, match):

@@ -107,7 +107,7 @@ def test_xnor_matmul_equals_integer_product(k):
   np.testing.assert_array_equal(got, expected)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(
   m=st.integers(1, 9), k=st.integers(1, 200), n=st.integers(1, 9), seed=st.integers(0, 2**31 - 1)
 )
@@ -169,8 +169,15 @@ OTHER_SHAPES = {
 }
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize(
+  "dtype, per_channel",
+  [
+    (jnp.float32, False),
+    (jnp.bfloat16, True),
+    pytest.param(jnp.float32, True, marks=pytest.mark.slow),
+    pytest.param(jnp.bfloat16, False, marks=pytest.mark.slow),
+  ],
+)
 def test_pack_unpack_round_trip_is_bitwise(dtype, per_channel):
   shapes = {**DENSE_SHAPES, **OTHER_SHAPES}
   if per_channel:  # one alpha per channel needs more than one weight per channel

@@ -701,6 +701,10 @@ def lat(
   two, each scale is rounded against its own previous value, so a weight that
   flips from ``+alpha+`` to ``-alpha-`` lands within one unit in the last
   place of ``-alpha-`` when ``alpha+ + alpha-`` is not representable.
+  As for LAB, a scale grows by at most a factor of two per step (so that a
+  weight flipping from ``-alpha_old`` to ``+alpha`` lands exactly), and the
+  codes are those of the capped scale: in such a step, early in training,
+  LATe's projection is not the exact minimizer.
 
   Raises:
     ValueError: for an unknown ``solver`` or ``scales`` not 1 or 2.
