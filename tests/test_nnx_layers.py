@@ -276,7 +276,7 @@ def test_binarize_model_makes_a_binary_layer_trained_with_lat_ternary():
   # A default (binary) layer must not re-binarize the ternary kernel that lat keeps.
   layer = BinaryLinear(16, 8, rngs=nnx.Rngs(0))
   x, _ = _train(layer, lab_optax.lat(0.05), mark=True)
-  assert layer.kernel_quantizer == projections.TernaryProjection()
+  assert layer.kernel_quantizer == projections.TernaryProjection("approximate")  # lat's
   kernel = layer.kernel.get_value()
   assert len(_levels(kernel)) == 3
   np.testing.assert_array_equal(layer(x), x @ kernel + layer.bias.get_value())
@@ -341,7 +341,9 @@ def test_quantizer_arguments_and_backward_compatibility():
     BinaryLinear(3, 2, kernel_quantizer=None, rngs=nnx.Rngs(0))
   )
   # Projections compare by value: layers built alike have equal graphdefs.
-  a = BinaryLinear(3, 2, kernel_quantizer=projections.TernaryProjection(), rngs=nnx.Rngs(0))
+  a = BinaryLinear(
+    3, 2, kernel_quantizer=projections.TernaryProjection("approximate"), rngs=nnx.Rngs(0)
+  )
   b = BinaryLinear(3, 2, kernel_quantizer="lat", rngs=nnx.Rngs(0))
   assert graph(a) == graph(b)
   assert type(BinaryLinear(3, 2, kernel_quantizer=None, rngs=rngs).kernel) is nnx.Param
@@ -384,7 +386,8 @@ def test_masked_ternary_conv_keeps_masked_taps_zero():
 def test_ternary_lstm_cell_quantizes_its_eight_matrices():
   cell = BinaryLSTMCell(5, 4, kernel_quantizer="lat", rngs=nnx.Rngs(0))
   gates = [cell.ii, cell.if_, cell.ig, cell.io, cell.hi, cell.hf, cell.hg, cell.ho]
-  assert all(g.kernel_quantizer == projections.TernaryProjection() for g in gates)
+  ternary = lab_optax.nnx.layers.KERNEL_QUANTIZERS["lat"]
+  assert all(g.kernel_quantizer == ternary for g in gates)
   carry = cell.initialize_carry((2, 5), nnx.Rngs(1))
   x = jax.random.normal(jax.random.key(0), (2, 5))
   for g in gates:  # put the kernels on the ternary levels: the cell then uses them as they are

@@ -50,7 +50,7 @@ KERNEL_QUANTIZERS: Mapping[str, projections.Projection] = MappingProxyType(
     "lab": projections.lab,
     "bwn": projections.bwn,
     "binary_connect": projections.binary_connect,
-    "lat": projections.TernaryProjection(),
+    "lat": projections.TernaryProjection("approximate"),
     "laq": projections.MbitProjection(),
     "twn": projections.TWNProjection(),
     "absmean_ternary": projections.AbsmeanProjection(),
@@ -246,8 +246,8 @@ class BinaryLinear(nnx.Linear):
     >>> layer(jnp.ones((2, 3))).shape
     (2, 4)
     >>> ternary = BinaryLinear(3, 4, kernel_quantizer="lat", rngs=nnx.Rngs(0))
-    >>> ternary.kernel_quantizer
-    TernaryProjection(solver='exact', scales=1)
+    >>> ternary.kernel_quantizer  # as lab_optax.lat's
+    TernaryProjection(solver='approximate', scales=1)
 
   Args:
     in_features: the number of input features.

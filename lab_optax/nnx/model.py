@@ -17,12 +17,13 @@ from lab_optax._src.transform import _find_states, _round_scale, binarize_params
 from lab_optax.nnx.layers import (
   BinaryConv,
   BinaryLinear,
+  BinaryLSTMCell,
   BinaryParam,
   _BinaryOp,
   _mark_kernel_binarized,
   _op_name,
 )
-from lab_optax.nnx.summary import _binarized_layout, _is_kernel, kernel_layout
+from lab_optax.nnx.summary import _binarized_layout, _is_kernel, _kernel_layout
 
 
 def _is_variable(x: Any) -> bool:
@@ -95,7 +96,7 @@ def binarize_model(model: nnx.Module, optimizer: nnx.Optimizer) -> None:
     >>> optimizer = nnx.Optimizer(layer, lab_optax.lat(1e-3), wrt=nnx.Param)
     >>> binarize_model(layer, optimizer)
     >>> layer.kernel_quantizer, layer.dot_general.kernel_binarized
-    (TernaryProjection(solver='exact', scales=1), True)
+    (TernaryProjection(solver='approximate', scales=1), True)
     >>> len(set(abs(layer.kernel.get_value()).ravel().tolist()))  # 0 and alpha
     2
   """
@@ -115,6 +116,21 @@ def binarize_model(model: nnx.Module, optimizer: nnx.Optimizer) -> None:
       isinstance(module, BinaryLinear | BinaryConv) and module.binarize_kernel and key in quantized
     ):
       _mark_kernel_binarized(module, quantized[key])
+  for _, module in nnx.iter_modules(model):
+    if isinstance(module, BinaryLSTMCell):  # the cell's quantizer is its matrices' one
+      gates = (
+        module.ii,
+        module.if_,
+        module.ig,
+        module.io,
+        module.hi,
+        module.hf,
+        module.hg,
+        module.ho,
+      )
+      quantizers = {gate.kernel_quantizer for gate in gates}
+      if len(quantizers) == 1:
+        module.kernel_quantizer = quantizers.pop()
 
 
 def _class_name(module: nnx.Module) -> str:
@@ -209,13 +225,13 @@ def _not_binary(module: nnx.Module, kernel: Any) -> str | None:
   quantizer = getattr(module, "kernel_quantizer", None)
   if quantizer is not None and not isinstance(quantizer, projections.BinaryProjection):
     if not _is_kernel(kernel) or _binarized_layout(kernel) is None:
-      found = kernel_layout(kernel)
+      found = _kernel_layout(kernel)
       if found is not None:
         return _low_bit_reason(found)
       return f"kernel quantizer {quantizer!r}, not binary: pack_model packs binary kernels only"
     return None
   if _is_kernel(kernel) and _binarized_layout(kernel) is None:
-    found = kernel_layout(kernel)
+    found = _kernel_layout(kernel)
     if found is not None:
       return _low_bit_reason(found)
   return None
@@ -326,7 +342,7 @@ def pack_model(model: nnx.Module, *, per_channel: bool | None = None) -> nnx.Mod
       layout = _binarized_layout(kernel)
       reason = _packed_inference(module, name)
       if layout is None:
-        found = kernel_layout(kernel)
+        found = _kernel_layout(kernel)
         reason = "not binarized" if found is None else _low_bit_reason(found)
       elif layout and per_channel is False:
         reason = "binarized per output channel, but per_channel=False"

@@ -329,7 +329,7 @@ def _quantizer_output(module: nnx.Module, array: Any) -> tuple[Any, Any]:
   return quantizer, quantizer(jnp.asarray(array))
 
 
-def kernel_layout(kernel: Any) -> tuple[str, int] | None:
+def _kernel_layout(kernel: Any) -> tuple[str, int] | None:
   """What level set a kernel's values are on: ``("binary", 1)``, ``("ternary", 2)``,
   ``("3-bit linear", 3)``, ... (the name and bits per weight as stored), or ``None``."""
   if _binarized_layout(kernel) is not None:
