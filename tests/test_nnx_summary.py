@@ -123,7 +123,8 @@ def test_summary_counts_binarized_kernels_of_plain_layers(per_channel):
 
 def test_summary_names_the_kernels_kept_in_full_precision():
   model = train_with_lab(per_channel=False, steps=1)
-  model.linear1.kernel.set_value(model.linear1.kernel.get_value().at[0, 0].multiply(0.5))
+  # 0.3 alpha is on no level set (0.5 alpha would be: 3-bit logarithmic levels).
+  model.linear1.kernel.set_value(model.linear1.kernel.get_value().at[0, 0].multiply(0.3))
   model.conv1.kernel.set_value(model.conv1.kernel.get_value().at[0, 0, 0, 0].set(jnp.nan))
   printed = []
   s = lab_optax.summary(model, print_fn=printed.append)

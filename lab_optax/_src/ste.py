@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from lab_optax._src import projections
+from lab_optax._src.transform import _round_scale
 
 
 @jax.custom_jvp
@@ -290,7 +291,11 @@ def _quantize(kernel: jax.Array, projection: projections.Projection, masked: boo
 
   def rule(k):
     w = k.astype(jnp.promote_types(k.dtype, jnp.float32))
-    out = projection.dequantize(*projection.initial(w, None)).astype(k.dtype)
+    _, scale = projection.initial(w, None)
+    # The scale rounded as the optimizer rounds its first one, so that the values are
+    # exact multiples of scale / divisor and read back as on the level set.
+    scale = _round_scale(scale, k.dtype, projection.divisor)
+    out = projection.dequantize(projection.codes(w, scale, None), scale).astype(k.dtype)
     return jnp.where(k != 0, out, jnp.zeros_like(out)) if masked else out
 
   # lax.cond runs only one branch: a kernel on the level set costs the check alone.
