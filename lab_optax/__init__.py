@@ -2,7 +2,7 @@
 
 from lab_optax import nnx, projections
 from lab_optax._src.masks import default_mask
-from lab_optax._src.metrics import flip_ratio
+from lab_optax._src.metrics import flip_ratio, sparsity
 from lab_optax._src.packing import (
   PackedBinary,
   binary_conv,
@@ -22,7 +22,7 @@ from lab_optax._src.projections import (
   proximal_quantize,
   proximal_ternarize,
 )
-from lab_optax._src.ste import binarize_ste, sign_ste
+from lab_optax._src.ste import binarize_ste, quantize_ste, sign_ste
 from lab_optax._src.transform import (
   ProjectedAdamState,
   absmean_ternary,
@@ -68,8 +68,10 @@ __all__ = (
   "proximal_quantize",
   "proximal_ternarize",
   "quantize_params",
+  "quantize_ste",
   "save_packed",
   "sign_ste",
+  "sparsity",
   "summary",
   "twn",
   "unpack",

@@ -1,5 +1,7 @@
 """Binary NNX layers against the plain Flax layers."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,6 +10,7 @@ import pytest
 from flax import nnx
 
 import lab_optax
+from lab_optax import projections
 from lab_optax.nnx import BinaryConv, BinaryLinear, BinaryLSTMCell, BinaryParam
 
 
@@ -231,3 +234,169 @@ def test_binary_conv_with_a_mask_binarizes_only_the_taps_it_keeps():
   np.testing.assert_allclose(layer(x)[:, 0, 0, 0], expected, rtol=1e-6)
   grads = nnx.grad(lambda m: m(x).sum())(layer)
   np.testing.assert_array_equal(np.asarray(grads["kernel"][...]) != 0, np.asarray(mask) != 0)
+
+
+# Quantizers beyond binary: kernel_quantizer and input_quantizer.
+
+
+def _levels(kernel):
+  return set(np.unique(np.asarray(kernel)).tolist())
+
+
+def _train(model, tx, steps=4, mark=False):
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  if mark:
+    lab_optax.nnx.binarize_model(model, optimizer)
+  x = jax.random.normal(jax.random.key(1), (8, model.in_features))
+  target = jax.random.normal(jax.random.key(2), (8, model.out_features))
+
+  @nnx.jit
+  def step(model, optimizer):
+    loss, grads = nnx.value_and_grad(lambda m: jnp.mean((m(x) - target) ** 2))(model)
+    optimizer.update(model, grads)
+    return loss
+
+  losses = [float(step(model, optimizer)) for _ in range(steps)]
+  return x, losses
+
+
+@pytest.mark.parametrize("mark", [False, True])
+def test_ternary_layer_trained_with_lat_keeps_three_values_and_uses_them_as_they_are(mark):
+  layer = BinaryLinear(16, 8, kernel_quantizer="lat", rngs=nnx.Rngs(0))
+  x, _ = _train(layer, lab_optax.lat(0.05), mark=mark)
+  kernel = layer.kernel.get_value()
+  values = _levels(kernel)
+  assert len(values) == 3 and 0.0 in values
+  # The forward pass uses the kernel as it is: the plain product, bit for bit.
+  np.testing.assert_array_equal(layer(x), x @ kernel + layer.bias.get_value())
+  assert layer.dot_general.kernel_binarized is mark
+
+
+def test_binarize_model_makes_a_binary_layer_trained_with_lat_ternary():
+  # A default (binary) layer must not re-binarize the ternary kernel that lat keeps.
+  layer = BinaryLinear(16, 8, rngs=nnx.Rngs(0))
+  x, _ = _train(layer, lab_optax.lat(0.05), mark=True)
+  assert layer.kernel_quantizer == projections.TernaryProjection("approximate")  # lat's
+  kernel = layer.kernel.get_value()
+  assert len(_levels(kernel)) == 3
+  np.testing.assert_array_equal(layer(x), x @ kernel + layer.bias.get_value())
+
+
+@pytest.mark.parametrize(
+  "quantizer, tx, count",
+  [
+    ("laq", lab_optax.laq(0.05), 7),
+    (projections.MbitProjection(3, "log"), lab_optax.laq(0.05, levels="log"), 7),
+    (projections.TernaryProjection(scales=2), lab_optax.lat(0.05, scales=2), 3),
+    ("twn", lab_optax.twn(0.05), 3),
+    ("absmean_ternary", lab_optax.absmean_ternary(0.05), 3),
+  ],
+)
+def test_low_bit_layers_use_the_kernels_their_optimizers_keep(quantizer, tx, count):
+  layer = BinaryLinear(64, 8, kernel_quantizer=quantizer, rngs=nnx.Rngs(0))
+  x, _ = _train(layer, tx)
+  kernel = layer.kernel.get_value()
+  assert 3 <= len(_levels(kernel)) <= count
+  assert bool(lab_optax._src.ste.on_level_set(kernel, layer.kernel_quantizer))
+  np.testing.assert_array_equal(layer(x), x @ kernel + layer.bias.get_value())
+
+
+def test_ternary_layer_with_adam_trains_by_straight_through_estimator():
+  layer = BinaryLinear(16, 8, kernel_quantizer="lat", rngs=nnx.Rngs(0))
+  x, losses = _train(layer, optax.adam(0.02), steps=15)
+  kernel = layer.kernel.get_value()
+  assert len(_levels(kernel)) > 3  # latent weights: adam keeps full precision
+  ternary = lab_optax.quantize_ste(kernel, projections.TernaryProjection())
+  assert len(_levels(ternary)) == 3
+  np.testing.assert_allclose(layer(x), x @ ternary + layer.bias.get_value(), rtol=1e-6)
+  # The gradient with respect to the kernel is the one with respect to the ternary kernel.
+  g = jax.grad(lambda k: jnp.sum(jnp.sin(x @ lab_optax.quantize_ste(k, layer.kernel_quantizer))))
+  g_ref = jax.grad(lambda k: jnp.sum(jnp.sin(x @ k)))(ternary)
+  np.testing.assert_allclose(g(kernel), g_ref, rtol=1e-6)
+  assert losses[-1] < losses[0]
+
+
+def test_a_ternary_kernel_is_never_rebinarized_by_a_ternary_layer():
+  layer = BinaryLinear(4, 3, kernel_quantizer="lat", rngs=nnx.Rngs(0))
+  kernel = jnp.array([[0.5, 0.0, -0.5], [0.0, 0.0, 0.5], [-0.5, 0.5, 0.0], [0.5, 0.5, 0.5]])
+  layer.kernel.set_value(kernel)
+  x = jax.random.normal(jax.random.key(0), (2, 4))
+  np.testing.assert_array_equal(layer(x), x @ kernel + layer.bias.get_value())
+  # Per-channel scales are kept too.
+  per_channel = kernel * jnp.array([1.0, 2.0, 0.25])
+  layer.kernel.set_value(per_channel)
+  np.testing.assert_array_equal(layer(x), x @ per_channel + layer.bias.get_value())
+
+
+def test_quantizer_arguments_and_backward_compatibility():
+  rngs = nnx.Rngs(0)
+  graph = nnx.graphdef
+  assert graph(BinaryLinear(3, 2, rngs=nnx.Rngs(0))) == graph(
+    BinaryLinear(3, 2, kernel_quantizer="bwn", rngs=nnx.Rngs(0))
+  )
+  assert graph(BinaryLinear(3, 2, binarize_inputs=True, rngs=nnx.Rngs(0))) == graph(
+    BinaryLinear(3, 2, input_quantizer="ste_sign", rngs=nnx.Rngs(0))
+  )
+  assert graph(BinaryLinear(3, 2, binarize_kernel=False, rngs=nnx.Rngs(0))) == graph(
+    BinaryLinear(3, 2, kernel_quantizer=None, rngs=nnx.Rngs(0))
+  )
+  # Projections compare by value: layers built alike have equal graphdefs.
+  a = BinaryLinear(
+    3, 2, kernel_quantizer=projections.TernaryProjection("approximate"), rngs=nnx.Rngs(0)
+  )
+  b = BinaryLinear(3, 2, kernel_quantizer="lat", rngs=nnx.Rngs(0))
+  assert graph(a) == graph(b)
+  assert type(BinaryLinear(3, 2, kernel_quantizer=None, rngs=rngs).kernel) is nnx.Param
+  with pytest.raises(ValueError, match="unknown kernel_quantizer"):
+    BinaryLinear(3, 2, kernel_quantizer="ternary!", rngs=rngs)
+  with pytest.raises(ValueError, match="binarize_kernel=False"):
+    BinaryLinear(3, 2, binarize_kernel=False, kernel_quantizer="lat", rngs=rngs)
+  with pytest.raises(ValueError, match="binarize_inputs=True"):
+    BinaryLinear(3, 2, binarize_inputs=True, input_quantizer=jnp.tanh, rngs=rngs)
+  with pytest.raises(ValueError, match="unknown input_quantizer"):
+    BinaryConv(3, 2, (3, 3), input_quantizer="sign", rngs=rngs)
+  with pytest.raises(TypeError, match="kernel_quantizer"):
+    BinaryConv(3, 2, (3, 3), kernel_quantizer=3, rngs=rngs)
+
+
+def test_callable_quantizers_are_used_as_they_are():
+  layer = BinaryLinear(
+    4, 3, kernel_quantizer=jnp.round, input_quantizer=jnp.abs, use_bias=False, rngs=nnx.Rngs(0)
+  )
+  layer.kernel.set_value(jnp.array([[0.4, 1.6, -2.2]] * 4))
+  x = jnp.array([[-1.0, 2.0, -3.0, 4.0]])
+  np.testing.assert_array_equal(layer(x), jnp.abs(x) @ jnp.round(layer.kernel.get_value()))
+
+
+def test_masked_ternary_conv_keeps_masked_taps_zero():
+  mask = jnp.ones((3, 3, 2, 4)).at[0].set(0.0)
+  conv = BinaryConv(2, 4, (3, 3), kernel_quantizer="lat", mask=mask, rngs=nnx.Rngs(0))
+  seen = []
+
+  def op(lhs, rhs, *args, **kwargs):
+    seen.append(rhs)
+    return jax.lax.conv_general_dilated(lhs, rhs, *args, **kwargs)
+
+  conv.conv_general_dilated = dataclasses.replace(conv.conv_general_dilated, op=op)
+  conv(jnp.ones((1, 5, 5, 2)))
+  used = seen[0]
+  assert len(_levels(used)) == 3 and bool(jnp.all(used[0] == 0))
+
+
+def test_ternary_lstm_cell_quantizes_its_eight_matrices():
+  cell = BinaryLSTMCell(5, 4, kernel_quantizer="lat", rngs=nnx.Rngs(0))
+  gates = [cell.ii, cell.if_, cell.ig, cell.io, cell.hi, cell.hf, cell.hg, cell.ho]
+  ternary = lab_optax.nnx.layers.KERNEL_QUANTIZERS["lat"]
+  assert all(g.kernel_quantizer == ternary for g in gates)
+  carry = cell.initialize_carry((2, 5), nnx.Rngs(1))
+  x = jax.random.normal(jax.random.key(0), (2, 5))
+  for g in gates:  # put the kernels on the ternary levels: the cell then uses them as they are
+    g.kernel.set_value(lab_optax.quantize_ste(g.kernel.get_value(), g.kernel_quantizer))
+  (c, h), y = cell(carry, x)
+  ref = nnx.LSTMCell(5, 4, rngs=nnx.Rngs(0))
+  for name in ("ii", "if_", "ig", "io", "hi", "hf", "hg", "ho"):
+    getattr(ref, name).kernel.set_value(getattr(cell, name).kernel.get_value())
+    if getattr(cell, name).bias is not None:
+      getattr(ref, name).bias.set_value(getattr(cell, name).bias.get_value())
+  (_, _), y_ref = ref(carry, x)
+  np.testing.assert_allclose(y, y_ref, rtol=1e-6, atol=1e-7)

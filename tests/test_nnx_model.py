@@ -11,7 +11,14 @@ from flax import nnx
 from test_nnx_summary import PlainCNN, train_with_lab
 
 import lab_optax
-from lab_optax.nnx import BinaryConv, BinaryLinear, binarize_model, binary_mask
+from lab_optax.nnx import (
+  BinaryConv,
+  BinaryLinear,
+  binarize_model,
+  binary_mask,
+  fold_batch_norm,
+  pack_model,
+)
 
 
 class Net(nnx.Module):
@@ -444,3 +451,86 @@ def test_pack_model_changes_nothing_when_a_binary_kernel_is_not_binarized():
     lab_optax.nnx.pack_model(model)
   assert type(model.plain) is nnx.Linear and type(model.plain.kernel) is nnx.Param
   assert not isinstance(model.plain.kernel.get_value(), lab_optax.PackedBinary)
+
+
+# Ternary and m-bit kernels: never packed as binary; batch norms fold into them.
+
+
+class LowBit(nnx.Module):
+  def __init__(self, rngs):
+    self.binary = BinaryLinear(64, 16, rngs=rngs)
+    self.ternary = BinaryLinear(16, 16, kernel_quantizer="lat", rngs=rngs)
+    self.mbit = BinaryLinear(16, 16, kernel_quantizer="laq", rngs=rngs)
+    self.plain = nnx.Linear(16, 4, rngs=rngs)
+
+  def __call__(self, x):
+    return self.plain(self.mbit(self.ternary(self.binary(x))))
+
+
+def test_pack_model_leaves_ternary_and_mbit_kernels_dense_with_a_warning():
+  model = LowBit(nnx.Rngs(0))
+  model.binary.kernel.set_value(lab_optax.binarize_ste(model.binary.kernel.get_value()))
+  for name in ("ternary", "mbit"):
+    layer = getattr(model, name)
+    layer.kernel.set_value(lab_optax.quantize_ste(layer.kernel.get_value(), layer.kernel_quantizer))
+  # A plain layer with ternary values (as lat leaves it) is recognized too.
+  w = model.plain.kernel.get_value()
+  model.plain.kernel.set_value(lab_optax.quantize_ste(w, lab_optax.projections.TernaryProjection()))
+  x = jax.random.normal(jax.random.key(0), (3, 64))
+  y = model(x)
+  before = {n: getattr(model, n).kernel.get_value() for n in ("ternary", "mbit", "plain")}
+  with pytest.warns(UserWarning, match="3 kernels in full precision") as record:
+    pack_model(model)
+  message = str(record[0].message)
+  assert "ternary/kernel (ternary, 2 bits per weight" in message
+  assert "mbit/kernel (3-bit linear, 3 bits per weight" in message
+  assert "plain/kernel (ternary, 2 bits per weight" in message
+  assert isinstance(model.binary.kernel.get_value(), lab_optax.PackedBinary)
+  for name, kernel in before.items():
+    np.testing.assert_array_equal(getattr(model, name).kernel.get_value(), kernel)
+  assert type(model.plain) is nnx.Linear
+  np.testing.assert_allclose(model(x), y, rtol=1e-5, atol=1e-6)
+  s = lab_optax.summary(model, print_fn=None)
+  assert s.not_packed == ("mbit/kernel", "plain/kernel", "ternary/kernel")
+  assert s.full_precision == ()
+
+
+def test_pack_model_does_not_pack_a_ternary_kernel_of_a_binary_layer():
+  layer = BinaryLinear(16, 4, rngs=nnx.Rngs(0))
+  ternary = lab_optax.quantize_ste(
+    layer.kernel.get_value(), lab_optax.projections.TernaryProjection()
+  )
+  layer.kernel.set_value(ternary)
+  with pytest.warns(UserWarning, match="kernel \\(ternary, 2 bits per weight"):
+    pack_model(layer)
+  np.testing.assert_array_equal(layer.kernel.get_value(), ternary)
+
+
+@pytest.mark.parametrize(
+  "quantizer",
+  [
+    "lat",
+    lab_optax.projections.TernaryProjection(scales=2),
+    "laq",
+    lab_optax.projections.MbitProjection(3, "log"),
+    "twn",
+  ],
+)
+def test_fold_batch_norm_into_ternary_and_mbit_layers(quantizer):
+  layer = BinaryLinear(40, 6, kernel_quantizer=quantizer, rngs=nnx.Rngs(0))
+  norm = nnx.BatchNorm(6, use_running_average=True, rngs=nnx.Rngs(0))
+  norm.mean.set_value(jnp.linspace(-0.2, 0.3, 6))
+  norm.var.set_value(jnp.linspace(0.5, 2.0, 6))
+  norm.scale.set_value(jnp.array([1.0, -2.0, 0.5, 3.0, -0.1, 1.0]))  # negative s flips codes
+  x = jax.random.normal(jax.random.key(0), (5, 40))
+  folded = fold_batch_norm(layer, norm)
+  np.testing.assert_allclose(folded(x), norm(layer(x)), rtol=1e-5, atol=1e-5)
+  kernel = folded.kernel.get_value()
+  projection = folded.kernel_quantizer
+  assert folded.dot_general.kernel_binarized
+  # One scale (or two) per channel: still on the level set, exactly.
+  assert bool(lab_optax._src.ste.on_level_set(kernel, projection))
+  levels = len(projection.levels)
+  assert all(len(np.unique(kernel[:, c])) <= levels for c in range(6))
+  ternary = lab_optax.quantize_ste(layer.kernel.get_value(), layer.kernel_quantizer)
+  np.testing.assert_array_equal(kernel == 0, ternary == 0)  # zeros stay zeros

@@ -123,7 +123,8 @@ def test_summary_counts_binarized_kernels_of_plain_layers(per_channel):
 
 def test_summary_names_the_kernels_kept_in_full_precision():
   model = train_with_lab(per_channel=False, steps=1)
-  model.linear1.kernel.set_value(model.linear1.kernel.get_value().at[0, 0].multiply(0.5))
+  # 0.3 alpha is on no level set (0.5 alpha would be: 3-bit logarithmic levels).
+  model.linear1.kernel.set_value(model.linear1.kernel.get_value().at[0, 0].multiply(0.3))
   model.conv1.kernel.set_value(model.conv1.kernel.get_value().at[0, 0, 0, 0].set(jnp.nan))
   printed = []
   s = lab_optax.summary(model, print_fn=printed.append)
@@ -139,3 +140,72 @@ def test_summary_names_the_kernels_kept_in_full_precision():
   # A binary layer's kernel counts as 1-bit before it is binarized: the layer binarizes it.
   s = lab_optax.summary(Net(nnx.Rngs(0)), print_fn=None)
   assert s.full_precision == ("out/kernel",) and s.binary_params == 6400
+
+
+def train_with(tx, steps=2):
+  """A PlainCNN trained with a lab_optax optimizer's default mask: every kernel is quantized."""
+  model = PlainCNN(nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  lab_optax.nnx.binarize_model(model, optimizer)
+  x = jax.random.normal(jax.random.key(1), (16, 8, 8, 1))
+  labels = jnp.arange(16) % 10
+
+  @nnx.jit
+  def step(model, optimizer):
+    def loss(m):
+      return optax.softmax_cross_entropy_with_integer_labels(m(x), labels).mean()
+
+    optimizer.update(model, nnx.grad(loss)(model))
+
+  for _ in range(steps):
+    step(model, optimizer)
+  return model
+
+
+@pytest.mark.parametrize(
+  "tx, bits, scales",
+  [
+    (lab_optax.lat(1e-2), 2, 1),
+    (lab_optax.lat(1e-2, scales=2), 2, 2),
+    (lab_optax.twn(1e-2, per_channel=True), 2, "channels"),
+    (lab_optax.laq(1e-2), 3, 1),
+    (lab_optax.laq(1e-2, bits=4, levels="log"), 4, 1),
+  ],
+)
+def test_summary_recognizes_ternary_and_mbit_kernels_by_their_values(tx, bits, scales):
+  model = train_with(tx)
+  printed = []
+  s = lab_optax.summary(model, print_fn=printed.append)
+  size = sum(n for n, _ in KERNELS.values())
+  assert s.binary_params == 0 and s.low_bit_params == ((bits, size),)
+  assert s.full_precision == () and s.float_params == 38
+  assert s.not_packed == tuple(f"{name}/kernel" for name in KERNELS)
+  alphas = sum(c for _, c in KERNELS.values()) if scales == "channels" else scales * 4
+  assert s.alphas == alphas
+  kernels = [np.asarray(getattr(model, name).kernel.get_value()) for name in KERNELS]
+  zeros = sum(int((k == 0).sum()) for k in kernels)
+  assert s.zeros == zeros and s.zero_fraction == pytest.approx(zeros / size)
+  assert s.bits_per_weight == bits
+  assert s.binary_bytes == bits * size / 8 + 4 * (alphas + 38)
+  text = printed[0]
+  assert f"{bits}-bit params" in text and "zeros" in text and "Quantized kernels" in text
+
+
+def test_summary_of_a_ternary_layer_counts_what_its_quantizer_makes():
+  layer = BinaryLinear(100, 8, kernel_quantizer="lat", rngs=nnx.Rngs(0))
+  s = lab_optax.summary(layer, print_fn=None)
+  ternary = lab_optax.quantize_ste(layer.kernel.get_value(), layer.kernel_quantizer)
+  assert s.low_bit_params == ((2, 800),) and s.binary_params == 0 and s.alphas == 1
+  assert s.zeros == int((np.asarray(ternary) == 0).sum()) > 0
+  assert s.not_packed == ("kernel",) and s.full_precision == ()
+  # A mixed model: the 1-bit, 2-bit and 32-bit columns side by side.
+  net = Net(nnx.Rngs(0))
+  net.out = BinaryLinear(64, 10, kernel_quantizer="laq", rngs=nnx.Rngs(0))
+  s = lab_optax.summary(net, print_fn=None)
+  assert s.binary_params == 6400 and s.low_bit_params == ((3, 640),)
+  assert s.quantized_params == 7040
+  assert s.bits_per_weight == pytest.approx((6400 + 3 * 640) / 7040)
+  header = s.table().splitlines()[0]
+  assert header.index("1-bit") < header.index("3-bit") < header.index("32-bit")
+  # A plain summary keeps its former columns.
+  assert "zeros" not in lab_optax.summary(Net(nnx.Rngs(0)), print_fn=None).table()

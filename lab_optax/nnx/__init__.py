@@ -1,6 +1,8 @@
-"""Flax NNX binary layers and the helpers that tie a model to lab_optax's optimizers."""
+"""Flax NNX quantized layers and the helpers that tie a model to lab_optax's optimizers."""
 
 from lab_optax.nnx.layers import (
+  INPUT_QUANTIZERS,
+  KERNEL_QUANTIZERS,
   BinaryConv,
   BinaryLinear,
   BinaryLSTMCell,
@@ -18,6 +20,8 @@ from lab_optax.nnx.model import (
 from lab_optax.nnx.summary import LayerSummary, ModelSummary, summary
 
 __all__ = (
+  "INPUT_QUANTIZERS",
+  "KERNEL_QUANTIZERS",
   "BinaryConv",
   "BinaryLSTMCell",
   "BinaryLinear",

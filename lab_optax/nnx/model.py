@@ -11,17 +11,19 @@ import optax
 from flax import nnx
 from flax.nnx.nn import dtypes
 
-from lab_optax._src import packing
-from lab_optax._src.ste import binarize_ste
-from lab_optax._src.transform import binarize_params, latent_weights
+from lab_optax._src import packing, projections
+from lab_optax._src.ste import level_codes, quantize_ste
+from lab_optax._src.transform import _find_states, _round_scale, binarize_params
 from lab_optax.nnx.layers import (
   BinaryConv,
   BinaryLinear,
+  BinaryLSTMCell,
   BinaryParam,
   _BinaryOp,
   _mark_kernel_binarized,
+  _op_name,
 )
-from lab_optax.nnx.summary import _binarized_layout, _is_kernel
+from lab_optax.nnx.summary import _binarized_layout, _is_kernel, _kernel_layout
 
 
 def _is_variable(x: Any) -> bool:
@@ -62,53 +64,78 @@ def binary_mask(model: nnx.Module, wrt: Any = nnx.Param) -> nnx.State:
 
 
 def binarize_model(model: nnx.Module, optimizer: nnx.Optimizer) -> None:
-  """Writes the optimizer's binarized weights into the model, in place.
+  """Writes the optimizer's quantized weights into the model, in place.
 
-  Call it once after ``nnx.Optimizer(model, lab_optax.lab(...), wrt=...)``: the
-  latent weights keep the full-precision initialization and the model's
-  kernels become their first projection (``t = 1``), as
-  :func:`lab_optax.binarize_params` does for plain pytrees. It also restores
-  the binarized weights from a restored optimizer state.
+  Call it once after ``nnx.Optimizer(model, lab_optax.lab(...), wrt=...)`` (or
+  ``lat``, ``laq``, any lab_optax optimizer): the latent weights keep the
+  full-precision initialization and the model's kernels become their first
+  projection (``t = 1``), as :func:`lab_optax.quantize_params` does for plain
+  pytrees. It also restores the quantized weights from a restored optimizer
+  state.
 
-  It also marks the binary layers whose kernels the optimizer binarizes: their
-  forward pass then uses the kernel as it is, without
-  :func:`lab_optax.binarize_ste`'s check that the kernel is binarized (a read
-  and a copy of every kernel on every step). Train such a model with that
-  optimizer only; a model trained with any other optimizer must not go through
-  ``binarize_model``.
+  It also marks the quantized layers whose kernels the optimizer quantizes:
+  their kernel quantizer becomes the optimizer's projection (so a default,
+  binary layer trained with :func:`lab_optax.lat` knows its kernel is
+  ternary), and their forward pass uses the kernel as it is, without
+  :func:`lab_optax.quantize_ste`'s check that the kernel is on its level set
+  (a read and a copy of every kernel on every step). Train such a model with
+  that optimizer only; a model trained with any other optimizer must not go
+  through ``binarize_model``.
 
   Args:
     model: the model the optimizer was built for.
     optimizer: an ``nnx.Optimizer`` whose ``tx`` is a lab_optax transformation
       (possibly inside optax wrappers).
+
+  Example usage::
+
+    >>> import lab_optax
+    >>> from flax import nnx
+    >>> from lab_optax.nnx import BinaryLinear, binarize_model
+    >>> layer = BinaryLinear(8, 4, rngs=nnx.Rngs(0))  # binary by default
+    >>> optimizer = nnx.Optimizer(layer, lab_optax.lat(1e-3), wrt=nnx.Param)
+    >>> binarize_model(layer, optimizer)
+    >>> layer.kernel_quantizer, layer.dot_general.kernel_binarized
+    (TernaryProjection(solver='approximate', scales=1), True)
+    >>> len(set(abs(layer.kernel.get_value()).ravel().tolist()))  # 0 and alpha
+    2
   """
   params = nnx.as_pure(nnx.state(model, optimizer.wrt))
   opt_state = nnx.as_pure(optimizer.opt_state)
   nnx.update(model, binarize_params(params, opt_state))
-  latent = latent_weights(opt_state)
-  binarized = {
-    tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path)
+  quantized = {}  # kernel path -> the projection that keeps it quantized
+  for state in _find_states(opt_state):
     for path, w in jax.tree_util.tree_leaves_with_path(
-      latent, is_leaf=lambda x: isinstance(x, optax.MaskedNode)
-    )
-    if not isinstance(w, optax.MaskedNode)
-  }
-  for path, module in nnx.iter_modules(model):
-    if (
-      isinstance(module, BinaryLinear | BinaryConv)
-      and module.binarize_kernel
-      and (*path, "kernel") in binarized
+      state.latent, is_leaf=lambda x: isinstance(x, optax.MaskedNode)
     ):
-      _mark_kernel_binarized(module)
+      if not isinstance(w, optax.MaskedNode):
+        quantized[tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path)] = state.projection
+  for path, module in nnx.iter_modules(model):
+    key = (*path, "kernel")
+    if (
+      isinstance(module, BinaryLinear | BinaryConv) and module.binarize_kernel and key in quantized
+    ):
+      _mark_kernel_binarized(module, quantized[key])
+  for _, module in nnx.iter_modules(model):
+    if isinstance(module, BinaryLSTMCell):  # the cell's quantizer is its matrices' one
+      gates = (
+        module.ii,
+        module.if_,
+        module.ig,
+        module.io,
+        module.hi,
+        module.hf,
+        module.hg,
+        module.ho,
+      )
+      quantizers = {gate.kernel_quantizer for gate in gates}
+      if len(quantizers) == 1:
+        module.kernel_quantizer = quantizers.pop()
 
 
 def _class_name(module: nnx.Module) -> str:
   cls = type(module)
   return f"nnx.{cls.__name__}" if cls.__module__.startswith("flax.nnx") else cls.__name__
-
-
-def _op_name(module: nnx.Module) -> str:
-  return "dot_general" if isinstance(module, nnx.Linear) else "conv_general_dilated"
 
 
 def _packed_inference(module: nnx.Module, name: str) -> str | None:
@@ -163,16 +190,18 @@ def _to_binary_layer(module: nnx.Module, kernel: packing.PackedBinary) -> None:
   op_name = _op_name(module)
   op = getattr(module, op_name)
   if isinstance(op, _BinaryOp):
-    op = dataclasses.replace(op, binarize_kernel=True, kernel_binarized=True)
+    op = dataclasses.replace(op, kernel_quantizer=projections.bwn, kernel_binarized=True)
   else:
-    op = _BinaryOp(op, binarize_kernel=True, binarize_inputs=False, kernel_binarized=True)
+    op = _BinaryOp(op, projections.bwn, None, kernel_binarized=True)
     cls = BinaryLinear if isinstance(module, nnx.Linear) else BinaryConv
     # Both classes only add attributes: the instance layout is the same. object.__setattr__,
     # not nnx's, which would record __class__ as an attribute of the graph node.
     object.__setattr__(module, "__class__", cls)
     module.binarize_inputs = False
+    module.input_quantizer = None
   setattr(module, op_name, op)
   module.binarize_kernel = True
+  module.kernel_quantizer = projections.bwn
   module.kernel = BinaryParam(kernel, **module.kernel.get_metadata())
 
 
@@ -182,6 +211,30 @@ def _path(path: Sequence[Any], name: str) -> str:
 
 def _is_unpacked_binary(_path: Any, x: Any) -> bool:
   return isinstance(x, BinaryParam) and not isinstance(x.get_value(), packing.PackedBinary)
+
+
+def _low_bit_reason(found: tuple[str, int]) -> str:
+  name, bits = found
+  return f"{name}, {bits} bits per weight: pack_model packs binary kernels only"
+
+
+def _not_binary(module: nnx.Module, kernel: Any) -> str | None:
+  """Why a BinaryParam kernel is not packed as binary (it is ternary or m-bit), or ``None``."""
+  if isinstance(kernel, packing.PackedBinary) or isinstance(kernel, jax.core.Tracer):
+    return None
+  quantizer = getattr(module, "kernel_quantizer", None)
+  if quantizer is not None and not isinstance(quantizer, projections.BinaryProjection):
+    if not _is_kernel(kernel) or _binarized_layout(kernel) is None:
+      found = _kernel_layout(kernel)
+      if found is not None:
+        return _low_bit_reason(found)
+      return f"kernel quantizer {quantizer!r}, not binary: pack_model packs binary kernels only"
+    return None
+  if _is_kernel(kernel) and _binarized_layout(kernel) is None:
+    found = _kernel_layout(kernel)
+    if found is not None:
+      return _low_bit_reason(found)
+  return None
 
 
 def pack_model(model: nnx.Module, *, per_channel: bool | None = None) -> nnx.Module:
@@ -207,7 +260,12 @@ def pack_model(model: nnx.Module, *, per_channel: bool | None = None) -> nnx.Mod
   Kernels left in full precision (floating ``nnx.Param`` with ``ndim >= 2``
   that are not binarized, or in a layer without packed inference such as
   ``nnx.Embed``, ``nnx.Einsum``, ``nnx.LinearGeneral`` or a conv with a kernel
-  mask) are named in one ``UserWarning``, with the reason.
+  mask) are named in one ``UserWarning``, with the reason. Ternary and m-bit
+  kernels (a :class:`BinaryParam` of a layer with a ternary or m-bit kernel
+  quantizer, or any kernel on such a level set, recognized by its values as
+  :func:`lab_optax.summary` does) are never packed as binary: they stay
+  dense, named in that warning (packing them is not supported yet), and
+  :attr:`lab_optax.nnx.ModelSummary.not_packed` lists them.
 
   A packed file holds :class:`BinaryParam` kernels: load it into a freshly
   built model with ``nnx.update(fresh, lab_optax.load_packed(path))``, then
@@ -226,8 +284,8 @@ def pack_model(model: nnx.Module, *, per_channel: bool | None = None) -> nnx.Mod
     ``model``, for chaining.
 
   Raises:
-    ValueError: naming the kernel, if a :class:`BinaryParam` kernel is not
-      binarized (then the model is unchanged).
+    ValueError: naming the kernel, if a :class:`BinaryParam` kernel of a
+      binary layer is not binarized (then the model is unchanged).
 
   Warns:
     UserWarning: naming each kernel left in full precision, and why.
@@ -260,9 +318,16 @@ def pack_model(model: nnx.Module, *, per_channel: bool | None = None) -> nnx.Mod
   """
   conversions = []  # (module, packed kernel): applied once nothing can fail
   dense = []  # (path, reason)
+  kept = set()  # ids of the BinaryParam kernels left dense
   for path, module in nnx.iter_modules(model):
     for name, variable in vars(module).items():
-      if not isinstance(variable, nnx.Param) or isinstance(variable, BinaryParam):
+      if isinstance(variable, BinaryParam):
+        reason = _not_binary(module, variable.get_value())
+        if reason is not None:
+          dense.append((_path(path, name), reason))
+          kept.add(id(variable))
+        continue
+      if not isinstance(variable, nnx.Param):
         continue
       kernel = variable.get_value()
       if isinstance(kernel, packing.PackedBinary):  # loaded from a packed file
@@ -277,7 +342,8 @@ def pack_model(model: nnx.Module, *, per_channel: bool | None = None) -> nnx.Mod
       layout = _binarized_layout(kernel)
       reason = _packed_inference(module, name)
       if layout is None:
-        reason = "not binarized"
+        found = _kernel_layout(kernel)
+        reason = "not binarized" if found is None else _low_bit_reason(found)
       elif layout and per_channel is False:
         reason = "binarized per output channel, but per_channel=False"
       if reason is not None:
@@ -285,7 +351,9 @@ def pack_model(model: nnx.Module, *, per_channel: bool | None = None) -> nnx.Mod
         continue
       layout = layout if per_channel is None else per_channel
       conversions.append((module, packing.pack(kernel, True, per_channel=layout)))
-  state = nnx.as_pure(nnx.state(model, _is_unpacked_binary))
+  state = nnx.as_pure(
+    nnx.state(model, lambda path, x: _is_unpacked_binary(path, x) and id(x) not in kept)
+  )
   packed = packing.pack(state, jax.tree.map(lambda _: True, state), per_channel=per_channel)
   for module, kernel in conversions:
     _to_binary_layer(module, kernel)
@@ -345,12 +413,21 @@ def fold_batch_norm(
   the binary layer's output); it is exact up to float rounding, not bit for
   bit.
 
+  A ternary or m-bit kernel folds the same way: ``scale * codes`` becomes
+  ``(scale * s) * codes`` (codes times the sign of ``s``), one scale (or two)
+  per output channel, rounded as lab_optax's optimizers round scales, so
+  that the folded kernel is exactly on the level set; the folded layer is
+  marked to use it as it is (as :func:`binarize_model` marks a layer). A
+  custom (callable) kernel quantizer is applied, and its output folded as a
+  full-precision kernel would be.
+
   Args:
     layer: a :class:`~lab_optax.nnx.BinaryLinear` or
       :class:`~lab_optax.nnx.BinaryConv`, not packed, whose output feeds
-      ``norm`` directly. A kernel that is not binarized yet is binarized as
-      the forward pass does it (:func:`lab_optax.binarize_ste`); a layer with
-      ``binarize_kernel=False`` is folded in full precision.
+      ``norm`` directly. A kernel that is not quantized yet is quantized as
+      the forward pass does it (:func:`lab_optax.quantize_ste` with the
+      layer's kernel quantizer); a layer with ``binarize_kernel=False`` is
+      folded in full precision.
     norm: an ``nnx.BatchNorm`` over the last axis with ``layer``'s number of
       output features. Its running statistics are used, as in
       ``model.eval()``.
@@ -419,13 +496,42 @@ def fold_batch_norm(
     value(norm.bias, jnp.zeros((features,), f32)) - jnp.asarray(norm.mean.get_value(), f32) * s
   )
   bias = value(layer.bias, jnp.zeros((features,), f32)) * s + shift
-  effective = binarize_ste(kernel) if layer.binarize_kernel else kernel
+  quantizer = layer.kernel_quantizer
   folded = nnx.clone(layer)
-  # alpha * s rounds alike for +alpha and -alpha: each channel keeps exactly two values.
-  folded.kernel.set_value((jnp.asarray(effective, f32) * s).astype(kernel.dtype))
+  if isinstance(quantizer, projections.Projection) and not isinstance(
+    quantizer, projections.BinaryProjection
+  ):
+    folded.kernel.set_value(_fold_levels(quantize_ste(kernel, quantizer), quantizer, s))
+    _mark_kernel_binarized(folded, quantizer)
+  else:
+    if quantizer is None:
+      effective = kernel
+    elif isinstance(quantizer, projections.Projection):
+      effective = quantize_ste(kernel, quantizer)
+    else:
+      effective = quantizer(kernel)
+    # alpha * s rounds alike for +alpha and -alpha: each channel keeps exactly two values.
+    folded.kernel.set_value((jnp.asarray(effective, f32) * s).astype(kernel.dtype))
   if folded.bias is None:
     folded.bias = nnx.Param(bias.astype(layer.param_dtype))
     folded.use_bias = True
   else:
     folded.bias.set_value(bias.astype(folded.bias.get_value().dtype))
   return folded
+
+
+def _fold_levels(kernel: jax.Array, projection: projections.Projection, s: jax.Array) -> jax.Array:
+  """``kernel * s`` for a kernel on ``projection``'s levels, kept exactly on them per channel."""
+  codes, scale, exact = level_codes(kernel, projection)
+  if not bool(exact):
+    codes, scale, _ = level_codes(kernel, projection, tuple(range(kernel.ndim - 1)))
+  flip = jnp.where(s < 0, -1.0, 1.0)
+  codes = codes * flip
+  if projection.num_scales == 1:
+    scale = scale * jnp.abs(s)
+  else:  # the sign flip swaps the positive and the negative scale
+    pos = jnp.where(s < 0, scale[1], scale[0])
+    neg = jnp.where(s < 0, scale[0], scale[1])
+    scale = jnp.stack([pos, neg]) * jnp.abs(s)
+  scale = _round_scale(scale, kernel.dtype, projection.divisor)
+  return projection.dequantize(codes, scale).astype(kernel.dtype)
