@@ -281,7 +281,6 @@ def update_binarized(
   weight_decay: jax.typing.ArrayLike = 0.0,
   guard_zero_d: bool,
   block: int = BLOCK_ELEMENTS,
-  params: jax.Array | None = None,
   scale_old: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array | None]:
   """Adam, the clip and the scale's sums for one quantized leaf, by row blocks.
@@ -309,9 +308,9 @@ def update_binarized(
     per_channel: one alpha per slice along the last axis.
     guard_zero_d: ``d`` may be zero (``eps`` is zero or traced).
     block: elements per row block, at most; see :func:`block_elements`.
-    params: the leaf's params, for a solver that starts from the previous
-      step's codes (``projection.codes(params, scale_old)``).
-    scale_old: the previous step's scale, flat (``()`` or ``(out,)``).
+    scale_old: the previous step's scale, flat (``()`` or ``(out,)``), for a
+      solver that starts from the previous step's codes
+      (``projection.codes(w, scale_old)`` of the old latent weights ``w``).
 
   Returns:
     ``(m, v, w, scale, aux)``: the leaf's new moments in their dtypes, the new
@@ -344,8 +343,6 @@ def update_binarized(
     # In the leaf's own shape: computed on a reshaped view, they were copied back.
     new_m, new_v = m, v = moments(g.astype(jnp.float32), m, v)
   solver = projection.blocked_solver(guard_zero_d)
-  if solver.warm:
-    params = params.reshape(rows, cols)
   g, m, v, w = (x.reshape(rows, cols) for x in (g, m, v, w))
   # 16-bit state is carried as its bits: XLA:CPU widens a bfloat16 or float16
   # dynamic_update_slice to float32 over the whole array, on every iteration.
@@ -401,11 +398,10 @@ def update_binarized(
 
   names = term_names(None, zeros if solver.warm else None)
 
-  def add_terms(acc, d, abs_w, fresh, start):
-    warm = None
-    if solver.warm:  # the previous step's codes, as the reference gets them
-      p = lax.dynamic_slice_in_dim(params, start, block_rows).astype(jnp.float32)
-      warm = projection.codes(p, scale_old, None)
+  def add_terms(acc, d, abs_w, fresh, old_w):
+    # The previous step's codes, as the reference gets them: those of the old
+    # latent weights at the old scale.
+    warm = projection.codes(old_w, scale_old, None) if solver.warm else None
     return _accumulate(acc, solver.terms(None, abs_w, d, warm), fresh if overlap else None)
 
   def body(carry):
@@ -424,7 +420,18 @@ def update_binarized(
       return lax.dynamic_update_slice_in_dim(x, new, start, 0)
 
     fresh = (start + lax.broadcasted_iota(jnp.uint32, (block_rows, 1), 0)) >= i * block_rows
-    if wide:
+    if wide and solver.warm:
+      # The sums need the old latent weights (the warm start's codes) and the
+      # new ones: they are computed first, from the old rows, and the new rows
+      # are written after them, as for 16-bit state below.
+      d = jnp.sqrt(rows_of(v) * inv_bc2_sums) + eps
+      old_w = rows_of(w)
+      acc = add_terms(acc, d, jnp.abs(new_latent(old_w, rows_of(m), d)), fresh, old_w)
+      d = jnp.sqrt(rows_of(v) * inv_bc2) + eps
+      new_w = new_latent(rows_of(w), rows_of(m), d) * _one_after(*acc).astype(jnp.float32)
+      w = put(w, new_w, jnp.float32)
+      after = (w,)
+    elif wide:
       d = jnp.sqrt(rows_of(v) * inv_bc2) + eps
       w = put(w, new_latent(rows_of(w), rows_of(m), d), jnp.float32)
       if names:
@@ -435,7 +442,7 @@ def update_binarized(
         # them. d is computed again, in another form so that XLA does not merge
         # the two and keep d in a temporary (see _pack).
         d = jnp.sqrt(rows_of(v) * inv_bc2_sums) + eps
-        acc = add_terms(acc, d, jnp.abs(rows_of(w)), fresh, start)
+        acc = add_terms(acc, d, jnp.abs(rows_of(w)), fresh, None)
       after = (w, *acc)
     else:
       # Everything from the old rows, written back rounded after every read of
@@ -445,9 +452,10 @@ def update_binarized(
       # whole array to keep them.
       m32, v32 = moments(rows_of(g).astype(jnp.float32), read(m, dtypes[0]), read(v, dtypes[1]))
       d = jnp.sqrt(v32 * inv_bc2) + eps
-      w32 = new_latent(read(w, dtypes[2]), m32, d)
+      old_w = read(w, dtypes[2])
+      w32 = new_latent(old_w, m32, d)
       if names:
-        acc = add_terms(acc, d, jnp.abs(w32), fresh, start)
+        acc = add_terms(acc, d, jnp.abs(w32), fresh, old_w)
       w = put(w, w32 * _one_after(*acc).astype(jnp.float32), dtypes[2])
       order = _one_after(w).astype(jnp.float32)
       m = put(m, m32 * order, dtypes[0])

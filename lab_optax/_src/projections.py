@@ -314,9 +314,28 @@ class Projection:
     # Ties go to the level nearer zero, then to the positive one: the ternary
     # threshold rule keeps |w| = scale / 2 at 0, and sign(0) = +1.
     order = sorted(self.levels, key=lambda level: (abs(level), -level))
-    levels = jnp.asarray(order, jnp.result_type(w))
+    dtype = jnp.result_type(w)
     s = self._by_sign(scale, w >= 0)
     x = jnp.where(s > 0, w / jnp.where(s > 0, s, 1), 0)
+    positive = [level for level in order if level > 0]
+    if order[0] == 0 and len(positive) <= 16 and sorted(-level for level in positive) == sorted(
+      level for level in order if level < 0
+    ):
+      # Symmetric levels with 0 (ternary, m-bit): the argmin below as a running
+      # minimum over the magnitudes, in the same order and with the same
+      # distances, which XLA:CPU computes in one elementwise loop (the argmin
+      # and the lookup in the table keep index arrays the size of w). A
+      # negative level never wins a tie with the positive one (it comes after
+      # it) nor beats it: so the sign of x, times the nearest magnitude.
+      ax = jnp.abs(x)
+      m = jnp.zeros_like(x)
+      best = ax
+      for level in positive:
+        dist = jnp.abs(ax - jnp.asarray(level, dtype))
+        m = jnp.where(dist < best, jnp.asarray(level, dtype), m)
+        best = jnp.minimum(dist, best)
+      return jnp.where(jnp.isnan(w), w, jnp.where((x < 0) & (m > 0), -m, m))
+    levels = jnp.asarray(order, dtype)
     nearest = jnp.argmin(jnp.abs(x[..., None] - levels), axis=-1)
     return jnp.where(jnp.isnan(w), w, levels[nearest])
 
@@ -461,8 +480,8 @@ class TernaryProjection(Projection):
   def __init__(self, solver: str = "exact", scales: int = 1, rounds: int = 10, tol: float = 1e-6):
     _check_choice("solver", solver, ("exact", "approximate"))
     _check_choice("scales", scales, (1, 2))
-    if not (isinstance(rounds, int) and rounds >= 1):
-      raise ValueError(f"rounds must be a positive int, got {rounds!r}")
+    if isinstance(rounds, bool) or not (isinstance(rounds, int) and rounds >= 0):
+      raise ValueError(f"rounds must be a non-negative int, got {rounds!r}")
     self.solver, self.num_scales, self.rounds, self.tol = solver, scales, rounds, tol
     self.warm_start = solver == "approximate"
 

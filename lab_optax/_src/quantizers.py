@@ -99,8 +99,8 @@ def _check_scales(scales: int, name: str) -> None:
 
 
 def _check_rounds(rounds: int, name: str) -> None:
-  if isinstance(rounds, int) and rounds < 1:
-    raise ValueError(f"{name}: rounds must be at least 1, got {rounds}")
+  if isinstance(rounds, int) and rounds < 0:
+    raise ValueError(f"{name}: rounds must be at least 0, got {rounds}")
 
 
 def _safe_div(num: jax.Array, den: jax.Array) -> jax.Array:
@@ -363,7 +363,8 @@ def ternary_approximate(
     axis: axes to reduce over (``None``: the whole tensor).
     codes: warm start, e.g. the previous step's codes (only ``codes != 0`` is
       used); ``None``: ``sign(w)``.
-    rounds: maximum number of rounds (at least 1); the authors use 10.
+    rounds: maximum number of rounds; the authors use 10. 0 keeps the start's
+      alpha (that of the warm start's support) and codes.
     tol: absolute tolerance on the change of ``alpha``.
     scales: 1 (LATa) or 2 (LAT2a).
 
@@ -487,7 +488,8 @@ def mbit_approximate(
       ``2^-14`` and below, awkward in low precision).
     levels: ``"linear"`` or ``"log"``.
     codes: warm start, e.g. the previous step's codes; ``None``: cold start.
-    rounds: maximum number of rounds (at least 1); the authors use 10.
+    rounds: maximum number of rounds; the authors use 10. 0 keeps the start's
+      alpha (that of the warm start's support) and codes.
     tol: absolute tolerance on the change of ``alpha``.
 
   Returns:

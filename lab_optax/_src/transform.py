@@ -412,15 +412,16 @@ def projected_adam(
     def decayed(step, w, h):
       return step if _is_zero(h["wd"]) else step + h["wd"] * w
 
-    def reference(g, m, v, w, p, a_old, h=hyper):
+    def reference(g, m, v, w, a_old, h=hyper):
       new_m, new_v, d, step = adam(g, m, v, h)
       w32 = _f32(w)
       w32 = w32 - h["lr"] * decayed(step, w32, h)
       if h["clip"] is not None:
         w32 = jnp.clip(w32, -h["clip"], h["clip"])
       axis = projections.reduction_axes(w32.ndim, per_channel)
-      # Solvers that start from the previous codes get them from the params.
-      codes = projection.codes(_f32(p), a_old, None) if projection.warm_start else None
+      # Solvers that start from the previous codes get those of the old latent
+      # weights at the old scale: the params, as quantize_params rebuilds them.
+      codes = projection.codes(_f32(w), a_old, None) if projection.warm_start else None
       _, a = projection(w32, d, axis, codes)
       aux = projection.aux(w32, axis)
       aux = None if aux is None else _flat_alpha(aux, w32.ndim, per_channel)
@@ -445,7 +446,7 @@ def projected_adam(
     _check_shapes(paths, flat[1], flat[4], "the latent weight tensor")
     block = fused.block_elements(sum(map(blocks, flat[2], flat[3], flat[4])))
 
-    def blocked(g, m, v, w, p, a_old, h=hyper):
+    def blocked(g, m, v, w, a_old, h=hyper):
       return fused.update_binarized(
         g,
         m,
@@ -463,30 +464,28 @@ def projected_adam(
         per_channel=per_channel,
         guard_zero_d=guard_zero_d,
         block=block,
-        params=p,
         scale_old=a_old,
       )
 
-    def automatic(g, m, v, w, p, a_old, h=hyper):
+    def automatic(g, m, v, w, a_old, h=hyper):
       # Chosen when XLA compiles for a platform: only XLA:CPU needs the blocks.
       return jax.lax.platform_dependent(
         g,
         m,
         v,
         w,
-        p,
         a_old,
         cpu=functools.partial(blocked, h=h),
         default=functools.partial(reference, h=h),
       )
 
-    def binarized(g, m, v, w, p, a_old):
+    def binarized(g, m, v, w, a_old):
       if not blocks(m, v, w):
-        return reference(g, m, v, w, p, a_old)
+        return reference(g, m, v, w, a_old)
       fast = blocked if implementation == "blocked" else automatic
       # The blocked loop (a while_loop) has no reverse-mode derivative: it is
       # differentiated as the reference, which it equals up to rounding.
-      return _differentiated_as(fast, reference, (g, m, v, w, p, a_old), hyper)
+      return _differentiated_as(fast, reference, (g, m, v, w, a_old), hyper)
 
     def leaf(g, p, m, v, w, a_old):
       if _is_masked(m):  # integer leaf: never touched
@@ -498,7 +497,7 @@ def projected_adam(
         return (-lr * step).astype(jnp.result_type(g)), new_m, new_v, w, a_old
       p = jnp.asarray(p)
       p32 = _f32(p)
-      new_m, new_v, w32, a, aux = binarized(g, m, v, w, p, a_old)
+      new_m, new_v, w32, a, aux = binarized(g, m, v, w, a_old)
       a = _representable_scale(a.astype(a_old.dtype), a_old, p.dtype, projection.divisor)
       # The codes at the rounded scale: what quantize_params rebuilds from the
       # state. Methods whose codes do not follow from the scale (TWN, absmean)
