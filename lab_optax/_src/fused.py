@@ -475,11 +475,15 @@ def update_binarized(
   if wide:
     m, v = new_m, new_v
   n = rows if per_channel else rows * cols
-  ctx = solver.start(_reduce_acc(acc, names, per_channel), n, scale_shape)
+  w2, v2 = w.reshape(rows, cols).astype(jnp.float32), v.reshape(rows, cols)
+
+  def max_abs():  # for a rare fallback of a solver (LAQ), under lax.cond
+    return jnp.max(jnp.abs(w2), axis=0 if per_channel else None)
+
+  ctx = solver.start(_reduce_acc(acc, names, per_channel) | {"max_abs": max_abs}, n, scale_shape)
   if solver.rounds:
     # Further passes over the leaf (float32 state only, see supports): the
     # solver's rounds, each adding up its terms with the sums before it known.
-    w2, v2 = w.reshape(rows, cols), v.reshape(rows, cols)
 
     def one_pass(ctx):
       names = term_names(ctx, None)
@@ -501,7 +505,7 @@ def update_binarized(
       acc = _initial_acc(names, block_shape, zero)
       init = (zero, zero.astype(jnp.uint32), acc, one > 0)
       _, _, acc, _ = lax.while_loop(lambda carry: carry[-1], body, init)
-      return _reduce_acc(acc, names, per_channel)
+      return _reduce_acc(acc, names, per_channel) | {"max_abs": max_abs}
 
     def more(state):
       r, ctx = state

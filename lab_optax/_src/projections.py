@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from lab_optax._src import quantizers
 
@@ -221,6 +222,9 @@ class BlockedSolver(NamedTuple):
       reduced by its maximum, any other by its sum.
     start: ``(sums, n, shape) -> ctx`` after the update loop, ``n`` weights per
       scale, ``shape`` the flat shape of the scale (``()`` or ``(out,)``).
+      ``sums["max_abs"]`` is a function of no arguments that gives ``max|w|``
+      per scale by another pass over the leaf (for a rare fallback, under
+      ``lax.cond``).
     step: ``(ctx, sums, n) -> ctx`` after each further pass.
     scale: ``ctx -> scale``, of the flat shape (``()`` or ``(out,)``).
     rounds: further passes, at most; they end once ``ctx["done"]`` holds everywhere.
@@ -318,8 +322,10 @@ class Projection:
     s = self._by_sign(scale, w >= 0)
     x = jnp.where(s > 0, w / jnp.where(s > 0, s, 1), 0)
     positive = [level for level in order if level > 0]
-    if order[0] == 0 and len(positive) <= 16 and sorted(-level for level in positive) == sorted(
-      level for level in order if level < 0
+    if (
+      order[0] == 0
+      and len(positive) <= 16
+      and sorted(-level for level in positive) == sorted(level for level in order if level < 0)
     ):
       # Symmetric levels with 0 (ternary, m-bit): the argmin below as a running
       # minimum over the magnitudes, in the same order and with the same
@@ -569,22 +575,23 @@ class MbitProjection(Projection):
       return None
     magnitude = quantizers._mbit_magnitude(self.level_set, jnp.float32)
 
-    def alpha(sums, max_abs):
-      return quantizers._mbit_alpha_from_sums(sums["num"], sums["den"], 0.0, 0.0, max_abs)
+    def alpha(sums):
+      # max|w| only where the least squares give 0 (every code 0): computed then.
+      a = quantizers._mbit_alpha_from_sums(sums["num"], sums["den"], 0.0, 0.0, 0.0)
+      max_abs = lax.cond(jnp.any(a <= 0), sums["max_abs"], lambda: jnp.zeros_like(a))
+      return jnp.where(a > 0, a, max_abs)
 
     def terms(ctx, abs_w, d, warm):
       m = jnp.abs(warm) if ctx is None else magnitude(abs_w, ctx["alpha"])
       num, den, _, _ = quantizers._mbit_terms(m, abs_w, d)
-      return {"num": num, "den": den} | ({"max": abs_w} if ctx is None else {})
+      return {"num": num, "den": den}
 
     def start(sums, n, shape):
-      done = jnp.zeros(shape, bool)
-      return {"alpha": alpha(sums, sums["max"]), "done": done, "max": sums["max"]}
+      return {"alpha": alpha(sums), "done": jnp.zeros(shape, bool)}
 
     def step(ctx, sums, n):
-      new = alpha(sums, ctx["max"])
-      a, done, _ = quantizers._alternate_round(ctx["alpha"], ctx["done"], new, self.tol)
-      return {"alpha": a, "done": done, "max": ctx["max"]}
+      a, done, _ = quantizers._alternate_round(ctx["alpha"], ctx["done"], alpha(sums), self.tol)
+      return {"alpha": a, "done": done}
 
     return BlockedSolver(terms, start, step, lambda ctx: ctx["alpha"], self.rounds, warm=True)
 
