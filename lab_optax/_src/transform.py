@@ -316,8 +316,9 @@ def projected_adam(
       rounding (the order of the additions in ``alpha``'s sums, the last bit
       of ``d`` and of the step now and then). ``"reference"``: the
       update equations as elementwise ``jnp`` code. ``"blocked"``: a loop over
-      row blocks that updates the state in place, for the three built-in
-      binary projections, float32, bfloat16 or float16 moments and float32 or
+      row blocks that updates the state in place, for the built-in projections
+      with a blocked solver (LAB, BWN, BinaryConnect, TWN, absmean, LATa with
+      one scale and LAQ; see ``fused.supports``), float32, bfloat16 or float16 moments and float32 or
       bfloat16 latent weights (other leaves get the reference); it avoids the
       full-size temporaries that XLA:CPU gives the reference.
       ``None``: blocked for leaves of at least ``2**12`` elements when XLA
@@ -662,7 +663,8 @@ _LOW_BIT_ARGS = """
   See :func:`lab_optax.projected_adam` for the update equations and for the
   arguments ``b1``, ``b2``, ``eps``, ``clip``, ``mask``, ``per_channel``,
   ``mu_dtype``, ``latent_dtype``, ``weight_decay`` and ``implementation``
-  (the blocked CPU update serves the binary projections; these get the
+  (the blocked CPU update serves LATa with one scale, LAQ, TWN and absmean,
+  the first two with a positive Python ``eps``; LATe and LAT2 get the
   reference update).
 """
 
