@@ -214,46 +214,25 @@ def _unpack(acc: tuple[jax.Array, ...]) -> list[jax.Array]:
   return out
 
 
-def _is_max(name: str) -> bool:
-  return name.startswith("max")
-
-
 def _accumulate(acc, terms: dict[str, jax.Array], fresh):
-  """``acc`` (sums packed by :func:`_pack`, then maxima) with a block's terms added."""
-  names = sorted(terms)
-  sums = [terms[k] for k in names if not _is_max(k)]
-  maxima = [terms[k] for k in names if _is_max(k)]
+  """``acc`` (the sums packed by :func:`_pack`) with a block's terms added, by name."""
+  terms = [terms[k] for k in sorted(terms)]
   if fresh is not None:  # rows of an overlapping last block already counted
-    sums = [jnp.where(fresh, t, 0.0) for t in sums]
-    maxima = [jnp.where(fresh, t, -jnp.inf) for t in maxima]
-  packed = _pack(sums)
-  return tuple(a + t for a, t in zip(acc, packed)) + tuple(
-    jnp.maximum(a, t) for a, t in zip(acc[len(packed) :], maxima)
-  )
+    terms = [jnp.where(fresh, t, 0.0) for t in terms]
+  return tuple(a + t for a, t in zip(acc, _pack(terms)))
 
 
 def _initial_acc(names, shape, zero):
   """Accumulators of :func:`_accumulate` for the terms ``names`` of blocks of ``shape``."""
-  sums = [jnp.full(shape, zero, jnp.float32) for k in sorted(names) if not _is_max(k)]
-  maxima = [jnp.full(shape, -jnp.inf, jnp.float32) for k in sorted(names) if _is_max(k)]
-  return _pack(sums) + tuple(maxima)
+  return _pack([jnp.full(shape, zero, jnp.float32) for _ in names])
 
 
 def _reduce_acc(acc, names, per_channel: bool) -> dict[str, jax.Array]:
-  """The sums (and maxima) over the leaf from the block accumulators."""
-  names = sorted(names)
-  n_sums = sum(not _is_max(k) for k in names)
-  packed = len(_pack([jnp.zeros(())] * n_sums))
-  out = []
-  for i, a in enumerate(acc):
-    if i < packed:
-      a = jnp.sum(a, axis=0)
-      out += _unpack((a if per_channel else jnp.sum(a),))
-    else:
-      a = jnp.max(a, axis=0)
-      out.append(a if per_channel else jnp.max(a))
-  ordered = [k for k in names if not _is_max(k)] + [k for k in names if _is_max(k)]
-  return dict(zip(ordered, out))
+  """The sums over the leaf (per channel: over its rows) from the block accumulators."""
+  acc = tuple(jnp.sum(a, axis=0) for a in acc)
+  if not per_channel:
+    acc = tuple(jnp.sum(a) for a in acc)
+  return dict(zip(sorted(names), _unpack(acc)))
 
 
 def block_elements(leaves: int) -> int:

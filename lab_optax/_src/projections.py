@@ -218,8 +218,7 @@ class BlockedSolver(NamedTuple):
     terms: ``(ctx, abs_w, d, warm) -> dict`` of elementwise terms, float32
       arrays of the shape of ``abs_w``; ``ctx`` is ``None`` in the update loop,
       ``warm`` the previous step's codes there (``None`` unless ``warm``) and
-      ``None`` in the passes after it. A name starting with ``"max"`` is
-      reduced by its maximum, any other by its sum.
+      ``None`` in the passes after it. Each is summed over the leaf (per scale).
     start: ``(sums, n, shape) -> ctx`` after the update loop, ``n`` weights per
       scale, ``shape`` the flat shape of the scale (``()`` or ``(out,)``).
       ``sums["max_abs"]`` is a function of no arguments that gives ``max|w|``
