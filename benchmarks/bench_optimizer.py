@@ -2,7 +2,7 @@
 
 Run from the repository root::
 
-  python benchmarks/bench_optimizer.py [--json results.json] [--runs 50] [--part a|b|all]
+  python benchmarks/bench_optimizer.py [--json results.json] [--runs 50] [--part a|b|new|all]
 
 Part (a) times one optimizer step, ``tx.update`` followed by
 ``optax.apply_updates``, jitted with the params and the optimizer state donated,
@@ -22,6 +22,13 @@ trained with Adam, interleaved the same way. A third model, LAB with kernels
 that the layers do not pass through ``binarize_ste`` (the optimizer already
 keeps them binary, so the forward pass computes the same), measures what the
 forward pass's binarization check costs.
+
+``--part new`` runs both parts for the optimizers beyond one bit (``lat`` with
+its approximate and exact solvers and bounded rounds, ``laq``, ``twn``,
+``absmean_ternary``) beside ``optax.adam`` and ``lab``. In part (b) their
+models are built with plain layers (the kernels used as the optimizer keeps
+them, as for "LAB without binarize_ste"): the binary layers would put a ternary
+or m-bit kernel through ``binarize_ste``.
 """
 
 from __future__ import annotations
@@ -96,6 +103,23 @@ OPTIMIZERS: dict[str, Callable[[], optax.GradientTransformation]] = {
 }
 
 
+# Beyond one bit (``--part new``): each new optimizer with its defaults, and
+# with bounded rounds of its approximate solver.
+NEW_OPTIMIZERS: dict[str, Callable[[], optax.GradientTransformation]] = {
+  "optax.adam": lambda: optax.adam(1e-3),
+  "lab": lambda: lab_optax.lab(1e-3),
+  "lat (LATa, 10 rounds)": lambda: lab_optax.lat(1e-3),
+  "lat, rounds=1": lambda: lab_optax.lat(1e-3, rounds=1),
+  "lat, rounds=0": lambda: lab_optax.lat(1e-3, rounds=0),
+  "lat, solver='exact'": lambda: lab_optax.lat(1e-3, solver="exact"),
+  "laq (3 bits, 10 rounds)": lambda: lab_optax.laq(1e-3),
+  "laq, rounds=1": lambda: lab_optax.laq(1e-3, rounds=1),
+  "twn": lambda: lab_optax.twn(1e-3),
+  "absmean_ternary": lambda: lab_optax.absmean_ternary(1e-3),
+  "lat, implementation='reference'": lambda: lab_optax.lat(1e-3, implementation="reference"),
+}
+
+
 def _step_call(tx, params0, grads, block: int | None = None):
   """A jitted, donated step of ``tx`` and its compiled form, settled by a few calls.
 
@@ -136,10 +160,10 @@ def _tree_and_grads():
   return params0, grads
 
 
-def optimizer_step(runs: int) -> list[dict]:
+def optimizer_step(runs: int, optimizers=None) -> list[dict]:
   params0, grads = _tree_and_grads()
   calls, rows = {}, {}
-  for name, make in OPTIMIZERS.items():
+  for name, make in (optimizers or OPTIMIZERS).items():
     call, compiled, opt_state = _step_call(make(), params0, grads)
     rows[name] = {
       "optimizer": name,
@@ -183,12 +207,15 @@ def loss_fn(outputs, batch):
   return squared_hinge(outputs, batch[1])
 
 
-def mlp_state(method_name: str, binarize_kernel: bool = True, **options):
+def mlp_state(method_name: str, binarize_kernel: bool = True, optimizer=None, **options):
   """``(graphdef, state)`` of ``(model, optimizer)`` as ``train.run`` builds them.
 
-  ``options`` go to the lab_optax optimizer (``implementation=...``).
+  ``options`` go to the lab_optax optimizer (``implementation=...``);
+  ``optimizer`` replaces the method's (with the binarized method's model).
   """
   method = METHODS[method_name]
+  if optimizer is not None:
+    method = dataclasses.replace(method, optimizer=optimizer)
   model = MLP(784, 10, method=method, rngs=nnx.Rngs(0))
   mask_model = model
   if not binarize_kernel:
@@ -208,18 +235,40 @@ def mlp_state(method_name: str, binarize_kernel: bool = True, **options):
   return nnx.split((model, optimizer))
 
 
-def training_step(runs: int) -> list[dict]:
+def _new_models() -> dict:
+  """Part (b)'s models for ``--part new``: plain layers, kernels as the optimizer keeps them."""
+
+  def plain(optimizer, **options):
+    return mlp_state("lab", binarize_kernel=False, optimizer=optimizer, **options)
+
+  return {
+    "FP (optax.adam)": mlp_state("fp"),
+    "LAB": mlp_state("lab"),
+    "LAT (LATa, 10 rounds)": plain(lab_optax.lat),
+    "LAT, rounds=1": plain(functools.partial(lab_optax.lat, rounds=1)),
+    "LAT, rounds=0": plain(functools.partial(lab_optax.lat, rounds=0)),
+    "LAT, solver='exact'": plain(functools.partial(lab_optax.lat, solver="exact")),
+    "LAQ (3 bits, 10 rounds)": plain(lab_optax.laq),
+    "TWN": plain(lab_optax.twn),
+    "absmean_ternary": plain(lab_optax.absmean_ternary),
+  }
+
+
+def training_step(runs: int, new: bool = False) -> list[dict]:
   rng = np.random.default_rng(0)
   batch = (
     jnp.asarray(rng.uniform(size=(BATCH, 28, 28, 1)), jnp.float32),
     jnp.asarray(rng.integers(0, 10, size=BATCH), jnp.int32),
   )
-  models = {
-    "FP (optax.adam)": mlp_state("fp"),
-    "LAB": mlp_state("lab"),
-    "LAB without binarize_ste": mlp_state("lab", binarize_kernel=False),
-    "LAB, implementation='reference'": mlp_state("lab", implementation="reference"),
-  }
+  if new:
+    models = _new_models()
+  else:
+    models = {
+      "FP (optax.adam)": mlp_state("fp"),
+      "LAB": mlp_state("lab"),
+      "LAB without binarize_ste": mlp_state("lab", binarize_kernel=False),
+      "LAB, implementation='reference'": mlp_state("lab", implementation="reference"),
+    }
   calls = {}
   for name, (graphdef, state) in models.items():
     box = [state]
@@ -245,9 +294,10 @@ def main() -> None:
   parser.add_argument("--runs", type=int, default=50, help="timed calls per candidate (>= 20)")
   parser.add_argument(
     "--part",
-    choices=("a", "b", "blocks", "all"),
+    choices=("a", "b", "new", "blocks", "all"),
     default="all",
-    help="a: optimizer step; b: MLP training step; blocks: lab's step by block size (not in all)",
+    help="a: optimizer step; b: MLP training step; new: both for the optimizers beyond one "
+    "bit (not in all); blocks: lab's step by block size (not in all)",
   )
   args = parser.parse_args()
   if args.runs < 20:
@@ -267,9 +317,10 @@ def main() -> None:
   print(f"{out['machine']['cpu']}, {os.cpu_count()} cores, JAX {jax.__version__}")
   print(f"load average before: {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}")
 
-  if args.part in ("a", "all"):
-    rows = optimizer_step(args.runs)
-    out["optimizer_step"] = rows
+  if args.part in ("a", "new", "all"):
+    new = args.part == "new"
+    rows = optimizer_step(args.runs, NEW_OPTIMIZERS if new else None)
+    out["optimizer_step_new" if new else "optimizer_step"] = rows
     print(f"\n(a) update + apply_updates, {LAYERS} x ({FAN_IN} x {FAN_OUT} kernel + bias) float32,")
     print(f"    jitted and donated, median of {args.runs} interleaved calls")
     print(
@@ -288,9 +339,10 @@ def main() -> None:
     for r in rows:
       print(f"{r['optimizer']:34s} {r['ms']:8.2f} {r['time_vs_adam']:7.2f}x")
 
-  if args.part in ("b", "all"):
-    rows = training_step(args.runs)
-    out["training_step"] = rows
+  if args.part in ("b", "new", "all"):
+    new = args.part == "new"
+    rows = training_step(args.runs, new)
+    out["training_step_new" if new else "training_step"] = rows
     print(
       f"\n(b) MNIST MLP 784-2048x3-10 with batch norm, batch {BATCH}: jitted, donated train step"
     )

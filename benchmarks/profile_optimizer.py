@@ -24,17 +24,17 @@ import tempfile
 from pathlib import Path
 
 import jax
-from bench_optimizer import OPTIMIZERS, _step_call, _tree_and_grads
+from bench_optimizer import NEW_OPTIMIZERS, OPTIMIZERS, _step_call, _tree_and_grads
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--optimizer", default="lab", choices=sorted(OPTIMIZERS))
+  parser.add_argument("--optimizer", default="lab", choices=sorted(OPTIMIZERS | NEW_OPTIMIZERS))
   parser.add_argument("--min-us", type=float, default=40.0, help="shortest piece shown")
   args = parser.parse_args()
   if "xla_cpu_enable_xprof_traceme" not in os.environ.get("XLA_FLAGS", ""):
     print("note: XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true shows the pieces of the step")
-  call = _step_call(OPTIMIZERS[args.optimizer](), *_tree_and_grads())[0]
+  call = _step_call((OPTIMIZERS | NEW_OPTIMIZERS)[args.optimizer](), *_tree_and_grads())[0]
   with tempfile.TemporaryDirectory() as trace_dir:
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
       for _ in range(4):

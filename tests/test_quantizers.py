@@ -394,7 +394,7 @@ def test_empty_tensor_and_errors():
   with pytest.raises(ValueError, match="scales"):
     q.ternary_exact(w, None, scales=3)
   with pytest.raises(ValueError, match="rounds"):
-    q.ternary_approximate(w, None, rounds=0)
+    q.ternary_approximate(w, None, rounds=-1)
   with pytest.raises(ValueError, match="axis"):
     q.ternary_exact(w, None, axis=2)
   with pytest.raises(ValueError, match="broadcast"):

@@ -91,7 +91,9 @@ _MOMENT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp
 _LATENT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
 
-def use_blocked(implementation: str | None, projection, m: Any, v: Any, w: Any) -> bool:
+def use_blocked(
+  implementation: str | None, projection, m: Any, v: Any, w: Any, guard_zero_d: bool = True
+) -> bool:
   """Whether a quantized leaf gets the blocked update: the one choice of the path.
 
   Args:
@@ -104,16 +106,17 @@ def use_blocked(implementation: str | None, projection, m: Any, v: Any, w: Any) 
     m: the leaf's first moment.
     v: its second moment.
     w: its latent weights (``optax.MaskedNode()`` for a leaf not quantized).
+    guard_zero_d: ``d`` may be zero (``eps`` is zero or traced).
 
   Returns:
     Whether :func:`update_binarized` may update the leaf.
   """
-  if implementation == "reference" or not supports(projection, m, v, w):
+  if implementation == "reference" or not supports(projection, m, v, w, guard_zero_d):
     return False
   return implementation == "blocked" or (w.size >= MIN_ELEMENTS and jax.device_count() == 1)
 
 
-def supports(projection, m: Any, v: Any, w: Any) -> bool:
+def supports(projection, m: Any, v: Any, w: Any, guard_zero_d: bool = True) -> bool:
   """Whether :func:`update_binarized` gives the reference step for a leaf.
 
   Args:
@@ -121,22 +124,29 @@ def supports(projection, m: Any, v: Any, w: Any) -> bool:
     m: the leaf's first moment.
     v: its second moment.
     w: its latent weights.
+    guard_zero_d: ``d`` may be zero (``eps`` is zero or traced).
 
   Returns:
-    ``True`` for a projection whose scale the blocks can add up
-    (``projection.blocked_sums(...)`` is not ``None``: LAB, BWN and
-    BinaryConnect); float32, bfloat16 or float16 moments; float32 or bfloat16
-    latent weights (a float16 one can round a tiny weight to zero, and with it
-    the sign that the reference takes from the unrounded weight); at least two
-    rows (all axes but the last) and rows of at most :data:`MAX_ROW_ELEMENTS`
-    elements.
+    ``True`` for a projection with a blocked solver
+    (``projection.blocked_solver(guard_zero_d)`` is not ``None``: LAB, BWN,
+    BinaryConnect, TWN and absmean always, LATa with one scale and LAQ with a
+    positive ``eps``); float32, bfloat16 or float16 moments; float32 or
+    bfloat16 latent weights (a float16 one can round a tiny weight to zero, and
+    with it the sign that the reference takes from the unrounded weight), and
+    all of them float32 for a solver that passes over the leaf again after the
+    update (``rounds > 0``: it reads the stored values, which 16-bit state
+    rounds); at least two rows (all axes but the last) and rows of at most
+    :data:`MAX_ROW_ELEMENTS` elements.
   """
-  hook = getattr(projection, "blocked_sums", None)
-  if hook is None or hook(False) is None or not hasattr(w, "ndim"):
+  hook = getattr(projection, "blocked_solver", None)
+  solver = None if hook is None else hook(guard_zero_d)
+  if solver is None or not hasattr(w, "ndim"):
     return False
   if w.ndim < 2 or w.size == 0:
     return False
   if any(x.dtype not in _MOMENT_DTYPES for x in (m, v)) or w.dtype not in _LATENT_DTYPES:
+    return False
+  if solver.rounds and any(x.dtype != jnp.float32 for x in (m, v, w)):
     return False
   cols = w.shape[-1]
   return w.size // cols >= 2 and cols <= MAX_ROW_ELEMENTS
@@ -204,6 +214,27 @@ def _unpack(acc: tuple[jax.Array, ...]) -> list[jax.Array]:
   return out
 
 
+def _accumulate(acc, terms: dict[str, jax.Array], fresh):
+  """``acc`` (the sums packed by :func:`_pack`) with a block's terms added, by name."""
+  terms = [terms[k] for k in sorted(terms)]
+  if fresh is not None:  # rows of an overlapping last block already counted
+    terms = [jnp.where(fresh, t, 0.0) for t in terms]
+  return tuple(a + t for a, t in zip(acc, _pack(terms)))
+
+
+def _initial_acc(names, shape, zero):
+  """Accumulators of :func:`_accumulate` for the terms ``names`` of blocks of ``shape``."""
+  return _pack([jnp.full(shape, zero, jnp.float32) for _ in names])
+
+
+def _reduce_acc(acc, names, per_channel: bool) -> dict[str, jax.Array]:
+  """The sums over the leaf (per channel: over its rows) from the block accumulators."""
+  acc = tuple(jnp.sum(a, axis=0) for a in acc)
+  if not per_channel:
+    acc = tuple(jnp.sum(a) for a in acc)
+  return dict(zip(sorted(names), _unpack(acc)))
+
+
 def block_elements(leaves: int) -> int:
   """Elements per row block when ``leaves`` binarized leaves are updated by blocks."""
   # Per leaf, per element of a block: at most three float32 terms of the sums
@@ -229,8 +260,9 @@ def update_binarized(
   weight_decay: jax.typing.ArrayLike = 0.0,
   guard_zero_d: bool,
   block: int = BLOCK_ELEMENTS,
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-  """Adam, the clip and ``alpha``'s sums for one binarized leaf, by row blocks.
+  scale_old: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array | None]:
+  """Adam, the clip and the scale's sums for one quantized leaf, by row blocks.
 
   The arithmetic is the reference's (``projected_adam`` in ``transform.py``)
   up to rounding: the order of the additions in the sums differs, and the bias
@@ -242,9 +274,9 @@ def update_binarized(
     m: the first moment (float32, bfloat16 or float16).
     v: the second moment (float32, bfloat16 or float16).
     w: the latent weights (float32 or bfloat16).
-    projection: a projection with the blocked hooks: ``blocked_sums`` (which
-      sums over the leaf its scale needs: of ``d``, of ``d * |w|``, of
-      ``|w|``) and ``scale_from_sums`` (the scale from them).
+    projection: a projection with a blocked solver
+      (:meth:`~lab_optax.projections.Projection.blocked_solver`: the terms of
+      the sums over the leaf that its scale needs, and the scale from them).
     learning_rate: the step's learning rate.
     b1: decay rate of the first moment.
     b2: decay rate of the second moment.
@@ -255,11 +287,16 @@ def update_binarized(
     per_channel: one alpha per slice along the last axis.
     guard_zero_d: ``d`` may be zero (``eps`` is zero or traced).
     block: elements per row block, at most; see :func:`block_elements`.
+    scale_old: the previous step's scale, flat (``()`` or ``(out,)``), for a
+      solver that starts from the previous step's codes
+      (``projection.codes(w, scale_old)`` of the old latent weights ``w``).
 
   Returns:
-    ``(m, v, w, alpha)``: the leaf's new moments in their dtypes, the new
-    latent weights in float32 (rounded to their dtype if it is narrower) and
-    the unrounded alpha, float32 of shape ``()`` (``(out,)`` per channel).
+    ``(m, v, w, scale, aux)``: the leaf's new moments in their dtypes, the new
+    latent weights in float32 (rounded to their dtype if it is narrower), the
+    unrounded scale, float32 of shape ``()`` (``(out,)`` per channel), and
+    what ``projection.codes_from`` needs (``None`` if the solver has no
+    ``aux``).
   """
   # Array hyperparameters (NumPy scalars, float64 under jax_enable_x64) are
   # used in float32, as the state is; Python numbers stay weakly typed.
@@ -284,12 +321,11 @@ def update_binarized(
   if wide:
     # In the leaf's own shape: computed on a reshaped view, they were copied back.
     new_m, new_v = m, v = moments(g.astype(jnp.float32), m, v)
+  solver = projection.blocked_solver(guard_zero_d)
   g, m, v, w = (x.reshape(rows, cols) for x in (g, m, v, w))
   # 16-bit state is carried as its bits: XLA:CPU widens a bfloat16 or float16
   # dynamic_update_slice to float32 over the whole array, on every iteration.
   m, v, w = map(_as_bits, (m, v, w))
-  # Without eps, sum(d) can be zero and alpha falls back to mean(|w|), as in lab_scale.
-  names = projection.blocked_sums(guard_zero_d)
 
   # Everything the loop reads besides the moments is made to depend on them,
   # the scalars included (computed per leaf from these copies of the bias
@@ -332,12 +368,20 @@ def update_binarized(
     w32 = old_w - learning_rate * (step + weight_decay * old_w if decay else step)
     return w32 if clip is None else jnp.clip(w32, -clip, clip)
 
-  def add_terms(acc, d, abs_w, fresh):
-    terms = {"d": lambda: d, "dw": lambda: d * abs_w, "w": lambda: abs_w}
-    terms = [terms[name]() for name in names]
-    if overlap:
-      terms = [jnp.where(fresh, t, 0.0) for t in terms]
-    return tuple(a + t for a, t in zip(acc, _pack(terms)))
+  scale_shape = (cols,) if per_channel else ()
+  block_shape = (block_rows, cols)
+  zeros = jax.ShapeDtypeStruct(block_shape, jnp.float32)
+
+  def term_names(ctx, warm):
+    return sorted(jax.eval_shape(lambda a, d, c: solver.terms(ctx, a, d, c), zeros, zeros, warm))
+
+  names = term_names(None, zeros if solver.warm else None)
+
+  def add_terms(acc, d, abs_w, fresh, old_w):
+    # The previous step's codes, as the reference gets them: those of the old
+    # latent weights at the old scale.
+    warm = projection.codes(old_w, scale_old, None) if solver.warm else None
+    return _accumulate(acc, solver.terms(None, abs_w, d, warm), fresh if overlap else None)
 
   def body(carry):
     """Updates the block of ``block_rows`` rows at ``start``, adds its terms to the sums."""
@@ -355,7 +399,18 @@ def update_binarized(
       return lax.dynamic_update_slice_in_dim(x, new, start, 0)
 
     fresh = (start + lax.broadcasted_iota(jnp.uint32, (block_rows, 1), 0)) >= i * block_rows
-    if wide:
+    if wide and solver.warm:
+      # The sums need the old latent weights (the warm start's codes) and the
+      # new ones: they are computed first, from the old rows, and the new rows
+      # are written after them, as for 16-bit state below.
+      d = jnp.sqrt(rows_of(v) * inv_bc2_sums) + eps
+      old_w = rows_of(w)
+      acc = add_terms(acc, d, jnp.abs(new_latent(old_w, rows_of(m), d)), fresh, old_w)
+      d = jnp.sqrt(rows_of(v) * inv_bc2) + eps
+      new_w = new_latent(rows_of(w), rows_of(m), d) * _one_after(*acc).astype(jnp.float32)
+      w = put(w, new_w, jnp.float32)
+      after = (w,)
+    elif wide:
       d = jnp.sqrt(rows_of(v) * inv_bc2) + eps
       w = put(w, new_latent(rows_of(w), rows_of(m), d), jnp.float32)
       if names:
@@ -366,7 +421,7 @@ def update_binarized(
         # them. d is computed again, in another form so that XLA does not merge
         # the two and keep d in a temporary (see _pack).
         d = jnp.sqrt(rows_of(v) * inv_bc2_sums) + eps
-        acc = add_terms(acc, d, jnp.abs(rows_of(w)), fresh)
+        acc = add_terms(acc, d, jnp.abs(rows_of(w)), fresh, None)
       after = (w, *acc)
     else:
       # Everything from the old rows, written back rounded after every read of
@@ -376,9 +431,10 @@ def update_binarized(
       # whole array to keep them.
       m32, v32 = moments(rows_of(g).astype(jnp.float32), read(m, dtypes[0]), read(v, dtypes[1]))
       d = jnp.sqrt(v32 * inv_bc2) + eps
-      w32 = new_latent(read(w, dtypes[2]), m32, d)
+      old_w = read(w, dtypes[2])
+      w32 = new_latent(old_w, m32, d)
       if names:
-        acc = add_terms(acc, d, jnp.abs(w32), fresh)
+        acc = add_terms(acc, d, jnp.abs(w32), fresh, old_w)
       w = put(w, w32 * _one_after(*acc).astype(jnp.float32), dtypes[2])
       order = _one_after(w).astype(jnp.float32)
       m = put(m, m32 * order, dtypes[0])
@@ -391,18 +447,53 @@ def update_binarized(
     next_start = jnp.minimum(i * block_rows, rows - block_rows).astype(jnp.uint32)
     return i, next_start, m, v, w, acc, i < count
 
-  acc = _pack([jnp.full((block_rows, cols), zero, jnp.float32)] * len(names))
+  acc = _initial_acc(names, block_shape, zero)
   init = (zero, zero.astype(jnp.uint32), m, v, w, acc, one > 0)
   _, _, m, v, w, acc, _ = lax.while_loop(lambda carry: carry[-1], body, init)
   m, v, w = (_from_bits(x, dtype).reshape(shape) for x, dtype in zip((m, v, w), dtypes))
   if wide:
     m, v = new_m, new_v
-  acc = tuple(jnp.sum(a, axis=0) for a in acc)
-  if not per_channel:
-    acc = tuple(jnp.sum(a) for a in acc)
-  sums = dict(zip(names, _unpack(acc)))
-
   n = rows if per_channel else rows * cols
-  alpha = projection.scale_from_sums(sums, n, (cols,) if per_channel else ())
-  alpha = alpha * _one_after(*keep_alive).astype(alpha.dtype)
-  return m, v, w.astype(jnp.float32), alpha
+  w2, v2 = w.reshape(rows, cols).astype(jnp.float32), v.reshape(rows, cols)
+
+  def max_abs():  # for a rare fallback of a solver (LAQ), under lax.cond
+    return jnp.max(jnp.abs(w2), axis=0 if per_channel else None)
+
+  ctx = solver.start(_reduce_acc(acc, names, per_channel) | {"max_abs": max_abs}, n, scale_shape)
+  if solver.rounds:
+    # Further passes over the leaf (float32 state only, see supports): the
+    # solver's rounds, each adding up its terms with the sums before it known.
+
+    def one_pass(ctx):
+      names = term_names(ctx, None)
+
+      def body(carry):
+        i, start, acc, _ = carry
+
+        def rows_of(x):
+          return lax.dynamic_slice_in_dim(x, start, block_rows)
+
+        fresh = (start + lax.broadcasted_iota(jnp.uint32, (block_rows, 1), 0)) >= i * block_rows
+        d = jnp.sqrt(rows_of(v2) * inv_bc2_sums) + eps
+        terms = solver.terms(ctx, jnp.abs(rows_of(w2)), d, None)
+        acc = _accumulate(acc, terms, fresh if overlap else None)
+        i = (i + 1) * _one_after(*acc)
+        next_start = jnp.minimum(i * block_rows, rows - block_rows).astype(jnp.uint32)
+        return i, next_start, acc, i < count
+
+      acc = _initial_acc(names, block_shape, zero)
+      init = (zero, zero.astype(jnp.uint32), acc, one > 0)
+      _, _, acc, _ = lax.while_loop(lambda carry: carry[-1], body, init)
+      return _reduce_acc(acc, names, per_channel) | {"max_abs": max_abs}
+
+    def more(state):
+      r, ctx = state
+      return (r < solver.rounds) & ~jnp.all(ctx["done"])
+
+    _, ctx = lax.while_loop(
+      more, lambda state: (state[0] + 1, solver.step(state[1], one_pass(state[1]), n)), (zero, ctx)
+    )
+  scale = solver.scale(ctx)
+  scale = scale * _one_after(*keep_alive).astype(scale.dtype)
+  aux = None if solver.aux is None else solver.aux(ctx)
+  return m, v, w.astype(jnp.float32), scale, aux

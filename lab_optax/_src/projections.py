@@ -14,10 +14,11 @@ Each ``*_scale`` function returns the scale ``alpha`` of the binarized tensor
 """
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from lab_optax._src import quantizers
 
@@ -203,6 +204,43 @@ def proximal_binarize(w: Any, d: Any, *, per_channel: bool = False) -> Any:
   return jax.tree_util.tree_map_with_path(one, w, d)
 
 
+class BlockedSolver(NamedTuple):
+  """How the blocked CPU update (``fused.py``) computes a projection's scale from sums.
+
+  The update adds ``terms`` up over the leaf (one scale per tensor, or per output
+  channel) block by block: first in the loop that updates the latent weights,
+  then in up to ``rounds`` more passes over the leaf, each with the context that
+  the sums before it gave. The formulas are the projection's own (the
+  functions its reference solver calls), so the two paths agree up to the
+  order of the additions.
+
+  Attributes:
+    terms: ``(ctx, abs_w, d, warm) -> dict`` of elementwise terms, float32
+      arrays of the shape of ``abs_w``; ``ctx`` is ``None`` in the update loop,
+      ``warm`` the previous step's codes there (``None`` unless ``warm``) and
+      ``None`` in the passes after it. Each is summed over the leaf (per scale).
+    start: ``(sums, n, shape) -> ctx`` after the update loop, ``n`` weights per
+      scale, ``shape`` the flat shape of the scale (``()`` or ``(out,)``).
+      ``sums["max_abs"]`` is a function of no arguments that gives ``max|w|``
+      per scale by another pass over the leaf (for a rare fallback, under
+      ``lax.cond``).
+    step: ``(ctx, sums, n) -> ctx`` after each further pass.
+    scale: ``ctx -> scale``, of the flat shape (``()`` or ``(out,)``).
+    rounds: further passes, at most; they end once ``ctx["done"]`` holds everywhere.
+    warm: whether ``terms`` needs the previous step's codes.
+    aux: ``ctx -> array`` for :meth:`Projection.codes_from`, or ``None``: the
+      codes then follow from the rounded scale (:meth:`Projection.codes`).
+  """
+
+  terms: Callable[..., dict[str, jax.Array]]
+  start: Callable[..., dict[str, jax.Array]]
+  step: Callable[..., dict[str, jax.Array]] | None = None
+  scale: Callable[[dict[str, jax.Array]], jax.Array] = lambda ctx: ctx["scale"]
+  rounds: int = 0
+  warm: bool = False
+  aux: Callable[[dict[str, jax.Array]], jax.Array] | None = None
+
+
 class Projection:
   r"""A projection onto a quantized set: ``(w, d, axis) -> (codes, scale)``.
 
@@ -279,9 +317,30 @@ class Projection:
     # Ties go to the level nearer zero, then to the positive one: the ternary
     # threshold rule keeps |w| = scale / 2 at 0, and sign(0) = +1.
     order = sorted(self.levels, key=lambda level: (abs(level), -level))
-    levels = jnp.asarray(order, jnp.result_type(w))
+    dtype = jnp.result_type(w)
     s = self._by_sign(scale, w >= 0)
     x = jnp.where(s > 0, w / jnp.where(s > 0, s, 1), 0)
+    positive = [level for level in order if level > 0]
+    if (
+      order[0] == 0
+      and len(positive) <= 16
+      and sorted(-level for level in positive) == sorted(level for level in order if level < 0)
+    ):
+      # Symmetric levels with 0 (ternary, m-bit): the argmin below as a running
+      # minimum over the magnitudes, in the same order and with the same
+      # distances, which XLA:CPU computes in one elementwise loop (the argmin
+      # and the lookup in the table keep index arrays the size of w). A
+      # negative level never wins a tie with the positive one (it comes after
+      # it) nor beats it: so the sign of x, times the nearest magnitude.
+      ax = jnp.abs(x)
+      m = jnp.zeros_like(x)
+      best = ax
+      for level in positive:
+        dist = jnp.abs(ax - jnp.asarray(level, dtype))
+        m = jnp.where(dist < best, jnp.asarray(level, dtype), m)
+        best = jnp.minimum(dist, best)
+      return jnp.where(jnp.isnan(w), w, jnp.where((x < 0) & (m > 0), -m, m))
+    levels = jnp.asarray(order, dtype)
     nearest = jnp.argmin(jnp.abs(x[..., None] - levels), axis=-1)
     return jnp.where(jnp.isnan(w), w, levels[nearest])
 
@@ -293,6 +352,24 @@ class Projection:
     if self.num_scales == 1:
       return scale
     return jnp.where(positive, scale[0], scale[1])
+
+  def aux(self, w: jax.Array, axis: Axis = None) -> jax.Array | None:
+    """What :meth:`codes_from` needs besides ``w`` (``None``: the codes follow from the scale)."""
+    del w, axis
+    return None
+
+  def codes_from(self, w: jax.Array, aux: jax.Array) -> jax.Array:
+    """The codes of ``w`` from :meth:`aux` (for methods whose codes do not follow from the scale)."""
+    raise NotImplementedError
+
+  def blocked_solver(self, guard_zero_d: bool) -> BlockedSolver | None:
+    """How the blocked CPU update computes the scale, or ``None``: the reference update.
+
+    Args:
+      guard_zero_d: ``d`` may be zero (``eps`` is zero or traced).
+    """
+    del guard_zero_d
+    return None
 
 
 class BinaryProjection(Projection):
@@ -325,7 +402,8 @@ class BinaryProjection(Projection):
     return binary_sign(w)
 
   # The blocked CPU update (lab_optax/_src/fused.py) adds the scale's sums up
-  # block by block: which sums each built-in scale needs, and the scale from them.
+  # block by block (blocked_solver): which sums each built-in scale needs, and
+  # the scale from them.
   def blocked_sums(self, guard_zero_d: bool) -> tuple[str, ...] | None:
     """The sums over the leaf that the scale needs (``"d"``, ``"dw"``: ``d * |w|``,
     ``"w"``: ``|w|``), or ``None`` when the blocked update cannot compute it."""
@@ -343,6 +421,21 @@ class BinaryProjection(Projection):
     positive = sums["d"] > 0
     alpha = sums["dw"] / jnp.where(positive, sums["d"], 1)
     return jnp.where(positive, alpha, sums["w"] / n) if "w" in sums else alpha
+
+  def blocked_solver(self, guard_zero_d):
+    names = self.blocked_sums(guard_zero_d)
+    if names is None:
+      return None
+
+    def terms(ctx, abs_w, d, warm):
+      del ctx, warm
+      every = {"d": lambda: d, "dw": lambda: d * abs_w, "w": lambda: abs_w}
+      return {name: every[name]() for name in names}
+
+    def start(sums, n, shape):
+      return {"scale": self.scale_from_sums(sums, n, shape)}
+
+    return BlockedSolver(terms, start)
 
   def __eq__(self, other):
     return type(other) is type(self) and (other.scale_fn, other.initial_scale_fn) == (
@@ -392,8 +485,8 @@ class TernaryProjection(Projection):
   def __init__(self, solver: str = "exact", scales: int = 1, rounds: int = 10, tol: float = 1e-6):
     _check_choice("solver", solver, ("exact", "approximate"))
     _check_choice("scales", scales, (1, 2))
-    if not (isinstance(rounds, int) and rounds >= 1):
-      raise ValueError(f"rounds must be a positive int, got {rounds!r}")
+    if isinstance(rounds, bool) or not (isinstance(rounds, int) and rounds >= 0):
+      raise ValueError(f"rounds must be a non-negative int, got {rounds!r}")
     self.solver, self.num_scales, self.rounds, self.tol = solver, scales, rounds, tol
     self.warm_start = solver == "approximate"
 
@@ -406,6 +499,30 @@ class TernaryProjection(Projection):
 
   def initial(self, w, axis=None):
     return quantizers.ternary_exact(w, None, axis, scales=self.num_scales)
+
+  def blocked_solver(self, guard_zero_d):
+    # LATa with one scale; LATe's sort and LAT2 keep the reference. With d > 0
+    # (a positive eps) the sums over a support with no d vanish only when it is
+    # empty, where _lat_alpha_from_sums gives 0 without the unweighted sums.
+    if guard_zero_d or self.solver != "approximate" or self.num_scales != 1:
+      return None
+
+    def alpha(sums):
+      return quantizers._lat_alpha_from_sums(sums["num"], sums["den"], 0.0, 0.0)
+
+    def terms(ctx, abs_w, d, warm):
+      support = warm != 0 if ctx is None else abs_w > ctx["alpha"] / 2
+      num, den, _, _ = quantizers._lat_terms(support, abs_w, d)
+      return {"num": num, "den": den}
+
+    def start(sums, n, shape):
+      return {"alpha": alpha(sums), "done": jnp.zeros(shape, bool)}
+
+    def step(ctx, sums, n):
+      a, done, _ = quantizers._alternate_round(ctx["alpha"], ctx["done"], alpha(sums), self.tol)
+      return {"alpha": a, "done": done}
+
+    return BlockedSolver(terms, start, step, lambda ctx: ctx["alpha"], self.rounds, warm=True)
 
   def _key(self):
     return (self.solver, self.num_scales, self.rounds, self.tol)
@@ -452,6 +569,33 @@ class MbitProjection(Projection):
       w, d, axis, bits=self.bits, levels=self.kind, codes=codes, rounds=self.rounds, tol=self.tol
     )
 
+  def blocked_solver(self, guard_zero_d):
+    # With d > 0, sum(d |b| |w|) = 0 only where every |b| |w| is 0: the
+    # unweighted sums would give 0 too.
+    if guard_zero_d:
+      return None
+    magnitude = quantizers._mbit_magnitude(self.level_set, jnp.float32)
+
+    def alpha(sums):
+      # max|w| only where the least squares give 0 (every code 0): computed then.
+      a = quantizers._mbit_alpha_from_sums(sums["num"], sums["den"], 0.0, 0.0, 0.0)
+      max_abs = lax.cond(jnp.any(a <= 0), sums["max_abs"], lambda: jnp.zeros_like(a))
+      return jnp.where(a > 0, a, max_abs)
+
+    def terms(ctx, abs_w, d, warm):
+      m = jnp.abs(warm) if ctx is None else magnitude(abs_w, ctx["alpha"])
+      num, den, _, _ = quantizers._mbit_terms(m, abs_w, d)
+      return {"num": num, "den": den}
+
+    def start(sums, n, shape):
+      return {"alpha": alpha(sums), "done": jnp.zeros(shape, bool)}
+
+    def step(ctx, sums, n):
+      a, done, _ = quantizers._alternate_round(ctx["alpha"], ctx["done"], alpha(sums), self.tol)
+      return {"alpha": a, "done": done}
+
+    return BlockedSolver(terms, start, step, lambda ctx: ctx["alpha"], self.rounds, warm=True)
+
   def dequantize(self, codes, scale):
     if self.kind == "log":  # powers of two: exact
       return codes * scale
@@ -485,8 +629,35 @@ class TWNProjection(Projection):
 
   def codes(self, w, scale, axis=None):
     del scale
-    codes, _ = quantizers.twn(w, axis)
-    return jnp.where(jnp.isnan(w), w, codes)
+    return jnp.where(jnp.isnan(w), w, self.codes_from(w, self.aux(w, axis)))
+
+  def aux(self, w, axis=None):
+    """The threshold ``Delta = 0.7 mean|w|``."""
+    red = quantizers._normalize_axis(axis, w.ndim, "twn")
+    total = jnp.sum(jnp.abs(w), axis=red, keepdims=True)
+    return quantizers._twn_delta(total, quantizers._count(w, red))
+
+  def codes_from(self, w, aux):
+    return quantizers._twn_codes(w, aux)
+
+  def blocked_solver(self, guard_zero_d):
+    del guard_zero_d  # d is not used
+
+    def terms(ctx, abs_w, d, warm):
+      if ctx is None:
+        return {"w": abs_w}
+      keep, kept = quantizers._twn_terms(abs_w, ctx["delta"])
+      return {"keep": keep, "kept": kept}
+
+    def start(sums, n, shape):
+      delta = quantizers._twn_delta(sums["w"], n)
+      return {"delta": delta, "scale": jnp.zeros(shape), "done": jnp.zeros(shape, bool)}
+
+    def step(ctx, sums, n):
+      scale = quantizers._safe_div(sums["kept"], sums["keep"])
+      return {"delta": ctx["delta"], "scale": scale, "done": jnp.ones_like(ctx["done"])}
+
+    return BlockedSolver(terms, start, step, rounds=1, aux=lambda ctx: ctx["delta"])
 
   def __eq__(self, other):
     return type(other) is type(self)
@@ -518,8 +689,26 @@ class AbsmeanProjection(Projection):
 
   def codes(self, w, scale, axis=None):
     del scale
-    codes, _ = quantizers.absmean(w, axis, self.eps)
-    return jnp.where(jnp.isnan(w), w, codes)
+    return jnp.where(jnp.isnan(w), w, self.codes_from(w, self.aux(w, axis)))
+
+  def aux(self, w, axis=None):
+    """``gamma = mean|w|``, unrounded."""
+    red = quantizers._normalize_axis(axis, w.ndim, "absmean")
+    total = jnp.sum(jnp.abs(w), axis=red, keepdims=True)
+    return quantizers._absmean_gamma(total, quantizers._count(w, red))
+
+  def codes_from(self, w, aux):
+    return quantizers._absmean_codes(w, aux, self.eps)
+
+  def blocked_solver(self, guard_zero_d):
+    del guard_zero_d  # d is not used
+
+    def start(sums, n, shape):
+      return {"scale": quantizers._absmean_gamma(sums["w"], n)}
+
+    return BlockedSolver(
+      lambda ctx, abs_w, d, warm: {"w": abs_w}, start, aux=lambda ctx: ctx["scale"]
+    )
 
   def __eq__(self, other):
     return type(other) is type(self) and other.eps == self.eps

@@ -99,8 +99,8 @@ def _check_scales(scales: int, name: str) -> None:
 
 
 def _check_rounds(rounds: int, name: str) -> None:
-  if isinstance(rounds, int) and rounds < 1:
-    raise ValueError(f"{name}: rounds must be at least 1, got {rounds}")
+  if isinstance(rounds, int) and rounds < 0:
+    raise ValueError(f"{name}: rounds must be at least 0, got {rounds}")
 
 
 def _safe_div(num: jax.Array, den: jax.Array) -> jax.Array:
@@ -268,14 +268,33 @@ def ternary_exact(
 # ----------------------------------------------------------------------------- LATa
 
 
+def _lat_terms(s: jax.Array, a: jax.Array, d: jax.Array) -> tuple[jax.Array, ...]:
+  """The terms of :func:`_lat_alpha`'s sums: ``|b| d |w|``, ``|b| d``, ``|b|``, ``|b| |w|``.
+
+  Shared with the blocked CPU update (``fused.py``), which adds them up by row blocks.
+  """
+  sf = s.astype(a.dtype)
+  return sf * d * a, sf * d, sf, sf * a
+
+
+def _lat_alpha_from_sums(num, den, cnt, plain_num) -> jax.Array:
+  """``num / den``; the unweighted mean ``plain_num / cnt`` if ``den = 0``; 0 if ``cnt = 0``."""
+  plain = _safe_div(plain_num, cnt)
+  return jnp.where(den > 0, num / jnp.where(den > 0, den, 1), plain)
+
+
 def _lat_alpha(s: jax.Array, a: jax.Array, d: jax.Array, red: tuple[int, ...]) -> jax.Array:
   """``sum(|b| d |w|) / sum(|b| d)``; unweighted if ``d`` vanishes on the support; 0 if empty."""
-  sf = s.astype(a.dtype)
-  den = jnp.sum(sf * d, axis=red, keepdims=True)
-  num = jnp.sum(sf * d * a, axis=red, keepdims=True)
-  cnt = jnp.sum(sf, axis=red, keepdims=True)
-  plain = _safe_div(jnp.sum(sf * a, axis=red, keepdims=True), cnt)
-  return jnp.where(den > 0, num / jnp.where(den > 0, den, 1), plain)
+  return _lat_alpha_from_sums(*(jnp.sum(t, axis=red, keepdims=True) for t in _lat_terms(s, a, d)))
+
+
+def _alternate_round(alpha, done, new_alpha, tol):
+  """One round of :func:`_alternate` for the scales: groups not yet done move to ``new_alpha``.
+
+  Returns ``(alpha, done, moving)``, ``moving`` where the round's values are taken.
+  """
+  converged = jnp.abs(new_alpha - alpha) < tol
+  return jnp.where(done, alpha, new_alpha), done | converged, ~done
 
 
 def _alternate(step, codes0, alpha0, rounds, tol):
@@ -292,10 +311,9 @@ def _alternate(step, codes0, alpha0, rounds, tol):
   def body(state):
     i, codes, alpha, done = state
     new_codes, new_alpha = step(alpha)
-    converged = jnp.abs(new_alpha - alpha) < tol
-    codes = jnp.where(done, codes, new_codes)
-    alpha = jnp.where(done, alpha, new_alpha)
-    return i + 1, codes, alpha, done | converged
+    alpha, done, moving = _alternate_round(alpha, done, new_alpha, tol)
+    codes = jnp.where(moving, new_codes, codes)
+    return i + 1, codes, alpha, done
 
   done0 = jnp.zeros(alpha0.shape, bool)
   _, codes, alpha, _ = lax.while_loop(cond, body, (jnp.int32(0), codes0, alpha0, done0))
@@ -345,7 +363,8 @@ def ternary_approximate(
     axis: axes to reduce over (``None``: the whole tensor).
     codes: warm start, e.g. the previous step's codes (only ``codes != 0`` is
       used); ``None``: ``sign(w)``.
-    rounds: maximum number of rounds (at least 1); the authors use 10.
+    rounds: maximum number of rounds; the authors use 10. 0 keeps the start's
+      alpha (that of the warm start's support) and codes.
     tol: absolute tolerance on the change of ``alpha``.
     scales: 1 (LATa) or 2 (LAT2a).
 
@@ -469,7 +488,8 @@ def mbit_approximate(
       ``2^-14`` and below, awkward in low precision).
     levels: ``"linear"`` or ``"log"``.
     codes: warm start, e.g. the previous step's codes; ``None``: cold start.
-    rounds: maximum number of rounds (at least 1); the authors use 10.
+    rounds: maximum number of rounds; the authors use 10. 0 keeps the start's
+      alpha (that of the warm start's support) and codes.
     tol: absolute tolerance on the change of ``alpha``.
 
   Returns:
@@ -488,24 +508,17 @@ def mbit_approximate(
   w, d, red = _prepare(w, d, axis, "mbit_approximate")
   if w.size == 0:
     return _empty(w, red, 1)
-  positive = table[table >= 0]  # 0 first, then increasing
-  pos_levels = jnp.asarray(positive, w.dtype)
-  midpoints = jnp.asarray((positive[1:] + positive[:-1]) / 2, w.dtype)
   a = jnp.abs(w)
   sign = jnp.sign(w)
   max_abs = jnp.max(a, axis=red, keepdims=True)
+  magnitude = _mbit_magnitude(table, w.dtype)
 
   def alpha_of(m):  # m = |b|
-    num = jnp.sum(d * m * a, axis=red, keepdims=True)
-    den = jnp.sum(d * m * m, axis=red, keepdims=True)
-    plain_num = jnp.sum(m * a, axis=red, keepdims=True)
-    plain = jnp.where(plain_num > 0, _safe_div(plain_num, jnp.sum(m * m, red, keepdims=True)), 0)
-    alpha = jnp.where(num > 0, _safe_div(num, den), plain)
-    return jnp.where(alpha > 0, alpha, max_abs)
+    sums = (jnp.sum(t, axis=red, keepdims=True) for t in _mbit_terms(m, a, d))
+    return _mbit_alpha_from_sums(*sums, max_abs)
 
   def step(alpha):
-    x = jnp.clip(_safe_div(a, alpha), 0, 1)
-    m = pos_levels[jnp.searchsorted(midpoints, x, side="left")]
+    m = magnitude(a, alpha)
     return m, alpha_of(m)
 
   if codes is None:
@@ -515,6 +528,40 @@ def mbit_approximate(
     alpha0 = alpha_of(m0)
   m, alpha = _alternate(step, m0, alpha0, rounds, tol)
   return jnp.where(m > 0, sign * m, 0).astype(w.dtype), alpha
+
+
+def _mbit_magnitude(table: np.ndarray, dtype):
+  """``(|w|, alpha) -> |b|``: the nearest level of ``clip(|w| / alpha, 0, 1)``, ties toward 0.
+
+  Shared with the blocked CPU update (``fused.py``). Up to 8 positive levels it
+  is a chain of selects (no gather), which XLA:CPU vectorizes.
+  """
+  positive = table[table >= 0]  # 0 first, then increasing
+  pos_levels = jnp.asarray(positive, dtype)
+  midpoints = jnp.asarray((positive[1:] + positive[:-1]) / 2, dtype)
+
+  def magnitude(a, alpha):
+    x = jnp.clip(_safe_div(a, alpha), 0, 1)
+    if len(positive) > 8:
+      return pos_levels[jnp.searchsorted(midpoints, x, side="left")]
+    m = jnp.zeros_like(x)
+    for j in range(len(positive) - 1):  # x above the midpoint: the next level (a tie stays)
+      m = jnp.where(x > midpoints[j], pos_levels[j + 1], m)
+    return m
+
+  return magnitude
+
+
+def _mbit_terms(m: jax.Array, a: jax.Array, d: jax.Array) -> tuple[jax.Array, ...]:
+  """The terms of LAQ's least squares: ``d |b| |w|``, ``d b^2``, ``|b| |w|``, ``b^2``."""
+  return d * m * a, d * m * m, m * a, m * m
+
+
+def _mbit_alpha_from_sums(num, den, plain_num, plain_den, max_abs) -> jax.Array:
+  """The weighted least squares ``num / den``; unweighted if ``d`` vanishes; ``max|w|`` if 0."""
+  plain = jnp.where(plain_num > 0, _safe_div(plain_num, plain_den), 0)
+  alpha = jnp.where(num > 0, _safe_div(num, den), plain)
+  return jnp.where(alpha > 0, alpha, max_abs)
 
 
 # ----------------------------------------------------------------------------- baselines
@@ -546,13 +593,28 @@ def twn(w: jax.Array, axis: Axis = None) -> tuple[jax.Array, jax.Array]:
   if w.size == 0:
     return _empty(w, red, 1)
   a = jnp.abs(w)
-  delta = 0.7 * jnp.mean(a, axis=red, keepdims=True)
-  keep = a > delta
+  delta = _twn_delta(jnp.sum(a, axis=red, keepdims=True), _count(w, red))
+  keep, a_kept = _twn_terms(a, delta)
   scale = _safe_div(
-    jnp.sum(jnp.where(keep, a, 0), axis=red, keepdims=True),
-    jnp.sum(keep, axis=red, keepdims=True).astype(w.dtype),
+    jnp.sum(a_kept, axis=red, keepdims=True), jnp.sum(keep, axis=red, keepdims=True)
   )
-  return jnp.where(keep, jnp.sign(w), 0).astype(w.dtype), scale
+  return _twn_codes(w, delta), scale
+
+
+def _twn_delta(sum_abs: jax.Array, n: int) -> jax.Array:
+  """TWN's threshold ``0.7 mean|w|`` from ``sum|w|`` over ``n`` weights."""
+  return 0.7 * (sum_abs / n)
+
+
+def _twn_terms(a: jax.Array, delta: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The terms of TWN's scale: ``1[|w| > Delta]`` and ``|w| 1[|w| > Delta]``."""
+  keep = a > delta
+  return keep.astype(a.dtype), jnp.where(keep, a, 0)
+
+
+def _twn_codes(w: jax.Array, delta: jax.Array) -> jax.Array:
+  """TWN's codes ``sign(w) 1[|w| > Delta]``."""
+  return jnp.where(jnp.abs(w) > delta, jnp.sign(w), 0).astype(w.dtype)
 
 
 def absmean(w: jax.Array, axis: Axis = None, eps: float = 1e-5) -> tuple[jax.Array, jax.Array]:
@@ -585,5 +647,20 @@ def absmean(w: jax.Array, axis: Axis = None, eps: float = 1e-5) -> tuple[jax.Arr
   red = _normalize_axis(axis, w.ndim, "absmean")
   if w.size == 0:
     return _empty(w, red, 1)
-  gamma = jnp.mean(jnp.abs(w), axis=red, keepdims=True)
-  return jnp.clip(jnp.round(w / (gamma + eps)), -1, 1), gamma
+  gamma = _absmean_gamma(jnp.sum(jnp.abs(w), axis=red, keepdims=True), _count(w, red))
+  return _absmean_codes(w, gamma, eps), gamma
+
+
+def _count(w: jax.Array, red: tuple[int, ...]) -> int:
+  """Weights per group."""
+  return int(np.prod([w.shape[i] for i in red], dtype=np.int64))
+
+
+def _absmean_gamma(sum_abs: jax.Array, n: int) -> jax.Array:
+  """``gamma = mean|w|`` from ``sum|w|`` over ``n`` weights."""
+  return sum_abs / n
+
+
+def _absmean_codes(w: jax.Array, gamma: jax.Array, eps: float) -> jax.Array:
+  """BitNet b1.58's codes ``clip(round(w / (gamma + eps)), -1, 1)``."""
+  return jnp.clip(jnp.round(w / (gamma + eps)), -1, 1)
