@@ -385,12 +385,12 @@ def test_a_nan_latent_weight_gives_a_nan_param_for_every_method():
     (lambda: lab_optax.lat(0.1, scales=0), "scales must be one of .*0"),
     (lambda: lab_optax.lat(0.1, scales=True), "scales must be one of"),
     (
-      lambda: lab_optax.projections.TernaryProjection("approximate", rounds=0),
-      "rounds must be a positive int",
+      lambda: lab_optax.projections.TernaryProjection("approximate", rounds=-1),
+      "rounds must be a non-negative int",
     ),
     (
-      lambda: lab_optax.projections.MbitProjection(3, rounds=0),
-      "rounds must be a positive int",
+      lambda: lab_optax.projections.MbitProjection(3, rounds=-1),
+      "rounds must be a non-negative int",
     ),
   ],
 )

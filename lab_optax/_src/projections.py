@@ -556,8 +556,8 @@ class MbitProjection(Projection):
 
   def __init__(self, bits: int = 3, levels: str = "linear", rounds: int = 10, tol: float = 1e-6):
     self.level_set = quantizers.quantize_levels(bits, levels)  # validates bits and levels
-    if not (isinstance(rounds, int) and rounds >= 1):
-      raise ValueError(f"rounds must be a positive int, got {rounds!r}")
+    if isinstance(rounds, bool) or not (isinstance(rounds, int) and rounds >= 0):
+      raise ValueError(f"rounds must be a non-negative int, got {rounds!r}")
     self.bits, self.kind, self.rounds, self.tol = bits, levels, rounds, tol
     self.levels = tuple(float(x) for x in self.level_set)
     n = 2 ** (bits - 1) - 1
