@@ -82,7 +82,8 @@ def test_mlp_on_mnist_idx_files(tmp_path, capsys):
   assert "paper" not in stdout and "1.170" not in stdout
 
 
-@pytest.mark.parametrize("dataset", ["cifar10", "svhn"])
+# SVHN's loader is tested in test_data.py; its run through the command line with -m slow.
+@pytest.mark.parametrize("dataset", ["cifar10", pytest.param("svhn", marks=pytest.mark.slow)])
 def test_cnn_on_cifar_pickles_and_svhn_mat_files(tmp_path, capsys, dataset):
   data_dir = tmp_path / dataset
   if dataset == "cifar10":

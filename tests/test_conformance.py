@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from cases import grid
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from optax._src import test_utils
@@ -145,8 +146,11 @@ def train(tx, params, loss, steps=200, **update_kwargs):
 # --- optimization ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("target", list(TARGETS))
-@pytest.mark.parametrize("name", ALL)
+# Each optimizer on one of the two targets by default (alternating), both with -m slow.
+@pytest.mark.parametrize(
+  "name, target",
+  grid(ALL, list(TARGETS), fast=[(n, list(TARGETS)[i % 2]) for i, n in enumerate(ALL)]),
+)
 def test_optimization_decreases_the_loss_on_the_level_set(name, target):
   params, loss = TARGETS[target]()
   tx = OPTIMIZERS[name](0.02)

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from cases import grid
 from hypothesis import given
 from hypothesis import strategies as st
 from test_transform import assert_two_values, train_steps
@@ -148,8 +149,12 @@ SHAPES = {
 }
 
 
-@pytest.mark.parametrize("method", list(METHODS))
-@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize(
+  "per_channel, method",
+  grid(
+    [False, True], list(METHODS), fast=[(False, "lab"), (True, "bwn"), (True, "binary_connect")]
+  ),
+)
 def test_matches_reference_over_many_steps(method, per_channel, small_blocks):
   params = make_params(SHAPES)
   grads = gradient_sequence(params, 40)
@@ -203,8 +208,19 @@ NARROW = {
 }
 
 
-@pytest.mark.parametrize("options", list(NARROW))
-@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize(
+  "method, options",
+  grid(
+    list(METHODS),
+    list(NARROW),
+    fast=[
+      ("lab", "mu_bf16"),
+      ("bwn", "latent_bf16"),
+      ("lab", "both_bf16"),
+      ("binary_connect", "mu_f16"),
+    ],
+  ),
+)
 def test_narrow_state_matches_reference(method, options, small_blocks):
   # 16-bit state is rounded when stored and the step uses the unrounded
   # moments, as in the reference: the blocked update computes everything from
@@ -227,7 +243,9 @@ def test_narrow_state_matches_reference(method, options, small_blocks):
           np.testing.assert_allclose(x, y, rtol=1e-2, atol=1e-5)
           assert np.mean(x != y) < 0.01  # the rest are equal
         else:
-          np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+          # A 16-bit moment one unit apart (allowed above) moves the float32
+          # latent weight by up to lr * 2^-10 * |m / d| (5e-5 here).
+          np.testing.assert_allclose(x, y, rtol=1e-5, atol=5e-5)
     chex.assert_trees_all_close(p, p_ref, rtol=1e-4)
   assert while_loops(make(implementation="blocked"), params) == len(params)
 
@@ -525,9 +543,9 @@ print("ok")
 # Beyond one bit: the blocked solvers of LATa, LAQ, TWN and absmean
 # (Projection.blocked_solver), against the reference path.
 LOW_BIT = {
-  "lat": lab_optax.lat,
-  "lat_rounds0": functools.partial(lab_optax.lat, rounds=0),
+  "lat": lab_optax.lat,  # rounds=0
   "lat_rounds1": functools.partial(lab_optax.lat, rounds=1),
+  "lat_rounds10": functools.partial(lab_optax.lat, rounds=10),
   "laq": lab_optax.laq,
   "laq_log4": functools.partial(lab_optax.laq, bits=4, levels="log"),
   "twn": lab_optax.twn,
@@ -586,8 +604,22 @@ def uses_blocks(make_tx, params, guard_zero_d=False):
   }
 
 
-@pytest.mark.parametrize("method", list(LOW_BIT))
-@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize(
+  "per_channel, method",
+  grid(
+    [False, True],
+    list(LOW_BIT),
+    fast=[
+      (True, "lat"),
+      (False, "lat_rounds10"),
+      (True, "lat_rounds1"),
+      (False, "laq"),
+      (True, "laq_log4"),
+      (False, "twn"),
+      (True, "absmean"),
+    ],  # fmt: skip
+  ),
+)
 def test_low_bit_matches_reference_over_many_steps(method, per_channel, small_blocks):
   params = make_params(SHAPES)
   grads = gradient_sequence(params, 30)
@@ -601,8 +633,19 @@ def test_low_bit_matches_reference_over_many_steps(method, per_channel, small_bl
   assert np.any(blocked[-1][0]["dense"] == 0)
 
 
-@pytest.mark.parametrize("method", ["lat_rounds0", "absmean", "lat", "twn"])
-@pytest.mark.parametrize("options", ["mu_bf16", "both_bf16"])
+@pytest.mark.parametrize(
+  "options, method",
+  grid(
+    ["mu_bf16", "both_bf16"],
+    ["lat", "absmean", "lat_rounds10", "twn"],
+    fast=[
+      ("mu_bf16", "lat"),
+      ("both_bf16", "absmean"),
+      ("both_bf16", "lat_rounds10"),
+      ("mu_bf16", "twn"),
+    ],
+  ),
+)
 def test_low_bit_narrow_state(method, options, small_blocks):
   # Solvers with no pass after the update loop (absmean, LATa with rounds=0)
   # take 16-bit state; the others read the stored latent weights again, which
@@ -610,7 +653,7 @@ def test_low_bit_narrow_state(method, options, small_blocks):
   params = make_params({k: v for k, v in SHAPES.items() if k != "bias"})
   make_tx = functools.partial(LOW_BIT[method], 0.05, **NARROW[options])
   blocks = uses_blocks(make_tx, params)
-  assert all(blocks.values()) == (method in ("lat_rounds0", "absmean"))
+  assert all(blocks.values()) == (method in ("lat", "absmean"))
   grads = gradient_sequence(params, 20)
   blocked = run(make_tx(implementation="blocked"), params, grads)
   reference = run(make_tx(implementation="reference"), params, grads)

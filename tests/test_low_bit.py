@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from cases import grid
 from numpy_low_bit import LAQ, TWN, Absmean, LATa, LATe, LowBitReference
 from test_transform import grads_tree, jax_tree, make_grads, make_params
 
@@ -24,9 +25,10 @@ QUANTIZED = ("dense", "conv")
 
 # name: (optimizer, reference projection)
 REFERENCE_CASES = {
-  "lat": (lab_optax.lat, lambda: LATa(scales=1)),
+  "lat": (lab_optax.lat, lambda: LATa(scales=1, rounds=0)),  # lat's default: rounds=0
+  "lat_rounds10": (functools.partial(lab_optax.lat, rounds=10), lambda: LATa(scales=1, rounds=10)),
   "lat_exact": (functools.partial(lab_optax.lat, solver="exact"), lambda: LATe(scales=1)),
-  "lat2": (functools.partial(lab_optax.lat, scales=2), lambda: LATa(scales=2)),
+  "lat2": (functools.partial(lab_optax.lat, scales=2), lambda: LATa(scales=2, rounds=0)),
   "lat2_exact": (
     functools.partial(lab_optax.lat, solver="exact", scales=2),
     lambda: LATe(scales=2),
@@ -131,7 +133,13 @@ def run_against_reference(name, steps, lr=0.05, seed=0, **kwargs):
   return params, state, refs
 
 
-@pytest.mark.parametrize("name", list(REFERENCE_CASES))
+@pytest.mark.parametrize(
+  "name",
+  grid(
+    list(REFERENCE_CASES),
+    fast=["lat", "lat_rounds10", "lat_exact", "lat2_exact", "laq3", "laq4_log", "twn", "absmean"],
+  ),
+)
 def test_matches_numpy_reference_step_by_step(name):
   """Each optimizer against the float64 reference, per tensor and per channel, 25 steps."""
   steps = 25

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from cases import grid
 from flax import nnx
 from test_nnx_summary import PlainCNN, train_with_lab
 
@@ -97,7 +98,9 @@ class Deep(nnx.Module):
     return h
 
 
-@pytest.mark.parametrize("binary_inputs", [False, True])
+# Binary inputs (XNOR) by default; test_xnor_path_is_exact_on_integers and the
+# folded MLP's test cover that path too.
+@pytest.mark.parametrize("binary_inputs", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_packed_inference_equals_float_inference(binary_inputs, tmp_path):
   model = binarized(Deep(binary_inputs, nnx.Rngs(0)))
   x = jax.random.normal(jax.random.key(1), (5, 8, 8, 3))
@@ -176,9 +179,15 @@ def trained_norm(features, key, **kwargs):
   return norm
 
 
-@pytest.mark.parametrize("use_bias", [False, True])
-@pytest.mark.parametrize("binarize_inputs", [False, True])
-@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize(
+  "kind, binarize_inputs, use_bias",
+  grid(
+    ["linear", "conv"],
+    [False, True],
+    [False, True],
+    fast=[("linear", False, True), ("conv", True, False), ("conv", False, True)],
+  ),
+)
 def test_fold_batch_norm_computes_norm_of_layer(kind, binarize_inputs, use_bias):
   if kind == "linear":
     layer = BinaryLinear(
@@ -346,7 +355,7 @@ def test_binarize_model_lets_optimizer_binarized_layers_skip_the_check():
     np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("per_channel", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_pack_model_packs_plain_layers_trained_with_lab(per_channel, tmp_path):
   model = train_with_lab(per_channel)
   layers = {name: getattr(model, name) for name in ("conv1", "conv2", "linear1", "linear2")}
@@ -510,8 +519,8 @@ def test_pack_model_does_not_pack_a_ternary_kernel_of_a_binary_layer():
   "quantizer",
   [
     "lat",
-    lab_optax.projections.TernaryProjection(scales=2),
-    "laq",
+    pytest.param(lab_optax.projections.TernaryProjection(scales=2), marks=pytest.mark.slow),
+    pytest.param("laq", marks=pytest.mark.slow),
     lab_optax.projections.MbitProjection(3, "log"),
     "twn",
   ],

@@ -172,8 +172,8 @@ OTHER_SHAPES = {
 @pytest.mark.parametrize(
   "dtype, per_channel",
   [
-    (jnp.float32, False),
     (jnp.bfloat16, True),
+    pytest.param(jnp.float32, False, marks=pytest.mark.slow),
     pytest.param(jnp.float32, True, marks=pytest.mark.slow),
     pytest.param(jnp.bfloat16, False, marks=pytest.mark.slow),
   ],
@@ -200,7 +200,7 @@ def test_pack_unpack_round_trip_is_bitwise(dtype, per_channel):
   jax.tree.map(bitwise_equal, restored, params)
 
 
-@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("per_channel", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_pack_under_jit_matches_eager(per_channel):
   params = trained_params(OTHER_SHAPES, per_channel=per_channel)
   eager = lab_optax.pack(params)
@@ -316,10 +316,20 @@ def lax_conv(x, kernel, *, strides=1, padding="SAME", kernel_dilation=1, input_d
   )
 
 
+# Each case with one layout by default (alternating), both with -m slow.
 @pytest.mark.parametrize(
-  "case", CONV_CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items())
+  "case, per_channel",
+  [
+    pytest.param(
+      case,
+      per_channel,
+      marks=() if per_channel == bool(i % 2) else pytest.mark.slow,
+      id=f"{per_channel}-" + ",".join(f"{k}={v}" for k, v in case.items()),
+    )
+    for i, case in enumerate(CONV_CASES)
+    for per_channel in (False, True)
+  ],
 )
-@pytest.mark.parametrize("per_channel", [False, True])
 def test_conv_helpers_match_lax_conv(case, per_channel):
   groups = case.get("feature_group_count", 1)
   params = trained_params({"kernel": (3, 3, 6 // groups, 8)}, per_channel=per_channel)

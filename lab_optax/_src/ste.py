@@ -184,7 +184,13 @@ def level_codes(
     ``(codes, scale, exact)``: codes in at least float32, the scale reduced
     with keepdims (stacked for two scales), and a boolean scalar.
   """
-  kernel = jnp.asarray(kernel)
+  return _level_codes(jnp.asarray(kernel), projection, axis)
+
+
+# Jitted (static projection and axes): called eagerly, by summary and
+# pack_model, these passes would otherwise compile op by op at every call.
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _level_codes(kernel, projection, axis):
   w = kernel.astype(jnp.promote_types(kernel.dtype, jnp.float32))
   scale = _top_scale(w, projection, axis)
   codes = projections.Projection.codes(projection, w, scale, axis)
@@ -215,10 +221,14 @@ def on_level_set(
   kernel = jnp.asarray(kernel)
   if kernel.ndim == 0 or kernel.size == 0:
     return jnp.asarray(True)
+  return _on_level_set(kernel, projection, masked)
 
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _on_level_set(kernel, projection, masked):
   def exact(axis):
     if not masked:
-      return level_codes(kernel, projection, axis)[2]
+      return _level_codes(kernel, projection, axis)[2]
     w = kernel.astype(jnp.promote_types(kernel.dtype, jnp.float32))
     scale = _top_scale(w, projection, axis)
     codes = projections.Projection.codes(projection, w, scale, axis)

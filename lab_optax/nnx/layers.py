@@ -50,7 +50,7 @@ KERNEL_QUANTIZERS: Mapping[str, projections.Projection] = MappingProxyType(
     "lab": projections.lab,
     "bwn": projections.bwn,
     "binary_connect": projections.binary_connect,
-    "lat": projections.TernaryProjection("approximate"),
+    "lat": projections.TernaryProjection("approximate", rounds=0),  # lab_optax.lat's
     "laq": projections.MbitProjection(),
     "twn": projections.TWNProjection(),
     "absmean_ternary": projections.AbsmeanProjection(),
