@@ -77,22 +77,7 @@ class PlainCNN(nnx.Module):
 
 def train_with_lab(per_channel, steps=3):
   """A PlainCNN trained with lab_optax.lab's default mask: every kernel is binarized."""
-  model = PlainCNN(nnx.Rngs(0))
-  optimizer = nnx.Optimizer(model, lab_optax.lab(1e-2, per_channel=per_channel), wrt=nnx.Param)
-  lab_optax.nnx.binarize_model(model, optimizer)
-  x = jax.random.normal(jax.random.key(1), (16, 8, 8, 1))
-  labels = jnp.arange(16) % 10
-
-  @nnx.jit
-  def step(model, optimizer):
-    def loss(m):
-      return optax.softmax_cross_entropy_with_integer_labels(m(x), labels).mean()
-
-    optimizer.update(model, nnx.grad(loss)(model))
-
-  for _ in range(steps):
-    step(model, optimizer)
-  return model
+  return train_with(lab_optax.lab(1e-2, per_channel=per_channel), steps)
 
 
 KERNELS = {"conv1": (36, 4), "conv2": (288, 8), "linear1": (512, 16), "linear2": (160, 10)}
