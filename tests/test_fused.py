@@ -36,22 +36,27 @@ def small_blocks(monkeypatch):
   monkeypatch.setattr(fused, "BLOCK_ELEMENTS", 64)
 
 
+# NumPy draws the test data: eager jax.random compiles a program per shape,
+# which cost seconds per test.
 def make_params(shapes, dtype=jnp.float32, seed=0):
-  keys = jax.random.split(jax.random.key(seed), len(shapes))
+  rng = np.random.default_rng(seed)
   return {
-    name: jax.random.uniform(key, shape, jnp.float32, -0.5, 0.5).astype(dtype)
-    for key, (name, shape) in zip(keys, shapes.items())
+    name: jnp.asarray(rng.uniform(-0.5, 0.5, shape), jnp.float32).astype(dtype)
+    for name, shape in shapes.items()
   }
 
 
 def gradient_sequence(params, steps, seed=1, zero_steps=0):
   """Fixed gradients; the first ``zero_steps`` are exactly zero."""
+  rng = np.random.default_rng(seed)
   out = []
   for i in range(steps):
-    keys = dict(zip(params, jax.random.split(jax.random.key(seed + i), len(params))))
     scale = 0.0 if i < zero_steps else 1.0
     out.append(
-      {k: (scale * jax.random.normal(keys[k], p.shape)).astype(p.dtype) for k, p in params.items()}
+      {
+        k: jnp.asarray(scale * rng.standard_normal(p.shape), jnp.float32).astype(p.dtype)
+        for k, p in params.items()
+      }
     )
   return out
 

@@ -367,11 +367,7 @@ def projected_adam(
     def alpha(p, binarized):
       if not binarized:
         return _MASKED
-      p = jnp.asarray(p)
-      axis = projections.reduction_axes(p.ndim, per_channel)
-      _, a = projection.initial(_f32(p), axis)
-      a = _flat_alpha(a, p.ndim, per_channel).astype(_alpha_dtype(p.dtype))
-      return _round_scale(a, p.dtype, projection.divisor)
+      return _initial_alpha(jnp.asarray(p), projection, per_channel)
 
     return ProjectedAdamState(
       count=jnp.zeros([], jnp.int32),
@@ -967,6 +963,28 @@ def binarize_params(params: optax.Params, opt_state: optax.OptState) -> optax.Pa
     return _quantized_leaf(w, a, projection, p.dtype)
 
   return treedef.unflatten(map(one, flat_params, chosen))
+
+
+def _initial_alpha(p, projection, per_channel):
+  """The first projection's scales of one leaf, rounded as the steps keep them."""
+  try:
+    hash(projection)
+  except TypeError:  # a projection that defines __eq__ without __hash__
+    return _initial_alpha_of(p, projection, per_channel)
+  return _initial_alpha_jit(p, projection, per_channel)
+
+
+def _initial_alpha_of(p, projection, per_channel):
+  axis = projections.reduction_axes(p.ndim, per_channel)
+  _, a = projection.initial(_f32(p), axis)
+  a = _flat_alpha(a, p.ndim, per_channel).astype(_alpha_dtype(p.dtype))
+  return _round_scale(a, p.dtype, projection.divisor)
+
+
+# Compiled once per projection, shape and dtype: called eagerly (``tx.init`` or
+# ``quantize_params`` outside jit), the projection would otherwise dispatch and
+# compile op by op (seconds per leaf).
+_initial_alpha_jit = jax.jit(_initial_alpha_of, static_argnums=(1, 2))
 
 
 # Compiled once per projection, shape and dtype: called eagerly (``quantize_params``
