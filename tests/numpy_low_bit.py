@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 import numpy_quantizers
+from numpy_reference import adam_moments
 
 # ------------------------------------------------------------------ level sets
 
@@ -315,12 +316,7 @@ class LowBitReference:
     self.t += 1
     t = self.t
     for k, g in grads.items():
-      g = np.asarray(g, np.float64)
-      self.m[k] = self.b1 * self.m[k] + (1 - self.b1) * g
-      self.v[k] = self.b2 * self.v[k] + (1 - self.b2) * g * g
-      m_hat = self.m[k] / (1 - self.b1**t)
-      v_hat = self.v[k] / (1 - self.b2**t)
-      d = np.sqrt(v_hat) + self.eps
+      self.m[k], self.v[k], m_hat, d = adam_moments(self, k, g, t)
       if k in self.quantized:
         w = self.latent[k]
         w = w - self.lr * (m_hat / d + self.weight_decay * w)

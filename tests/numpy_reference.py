@@ -26,6 +26,15 @@ def scale(method, w, d, per_channel=False):
   raise ValueError(method)
 
 
+def adam_moments(opt, k, g, t):
+  """Adam's moments of leaf ``k`` after gradient ``g`` at step ``t``, the bias-corrected
+  first moment and the curvature ``d = sqrt(v_hat) + eps`` (float64)."""
+  g = np.asarray(g, np.float64)
+  m = opt.b1 * opt.m[k] + (1 - opt.b1) * g
+  v = opt.b2 * opt.v[k] + (1 - opt.b2) * g * g
+  return m, v, m / (1 - opt.b1**t), np.sqrt(v / (1 - opt.b2**t)) + opt.eps
+
+
 class Reference:
   """Algorithm 1 on a dict of named float arrays."""
 
@@ -49,12 +58,7 @@ class Reference:
     self.t += 1
     t = self.t
     for k, g in grads.items():
-      g = np.asarray(g, np.float64)
-      self.m[k] = self.b1 * self.m[k] + (1 - self.b1) * g
-      self.v[k] = self.b2 * self.v[k] + (1 - self.b2) * g * g
-      m_hat = self.m[k] / (1 - self.b1**t)
-      v_hat = self.v[k] / (1 - self.b2**t)
-      d = np.sqrt(v_hat) + self.eps
+      self.m[k], self.v[k], m_hat, d = adam_moments(self, k, g, t)
       if k in self.binarized:
         w = self.latent[k] - self.lr * m_hat / d
         if self.clip is not None:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from test_data import write_cifar, write_mnist, write_svhn
 
-from lab_optax.experiments import cli
+from lab_optax.experiments import cli, models
 
 FAST = ["--no-progress", "--epochs", "2"]
 DATA_PARALLEL_CHECK = Path(__file__).with_name("data_parallel_check.py")
@@ -43,19 +43,29 @@ def check_results(results, metric, methods, seeds, epochs):
   assert results["config"]["epochs"] == epochs
 
 
-def test_mlp_on_digits_with_all_seven_methods(tmp_path, capsys):
+# The default (the paper's seven methods) with -m slow; by default one binary-weight
+# and one binary-activation method (the CNN and LSTM runs below take four others).
+@pytest.mark.parametrize(
+  "methods",
+  [
+    ["xnor", "lab"],
+    pytest.param(list(cli.METHOD_NAMES), marks=pytest.mark.slow, id="all_seven"),
+  ],
+  ids=lambda m: ",".join(m),
+)
+def test_mlp_on_digits_with_all_seven_methods(tmp_path, capsys, methods):
   out = tmp_path / "mlp"
-  status, stdout, _ = run_cli(
-    ["mlp", "--hidden", "16", "--seeds", "2", "--out", str(out), *FAST], capsys
-  )
+  args = ["mlp", "--hidden", "16", "--seeds", "2", "--out", str(out), *FAST]
+  if methods != list(cli.METHOD_NAMES):
+    args += ["--methods", ",".join(methods)]
+  status, stdout, _ = run_cli(args, capsys)
   assert status == 0
-  methods = list(cli.METHOD_NAMES)
   results = load_results(out)
   check_results(results, "test_error", methods, 2, 2)
   assert all(0 <= r["test_error"] <= 100 for r in results["results"])
   assert (out / "validation_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-  for label in ("FP", "BinaryConnect", "BWN", "LAB", "BNN", "XNOR", "LAB2"):
-    assert label in stdout
+  for method in methods:
+    assert models.METHODS[method].label in stdout
   assert "+-" in stdout
   assert "paper" not in stdout  # the digits are not the paper's data set
   config = results["config"]
@@ -93,16 +103,17 @@ def test_cnn_on_cifar_pickles_and_svhn_mat_files(tmp_path, capsys, dataset):
   out = tmp_path / "out"
   args = ["cnn", "--dataset", dataset, "--data-dir", str(data_dir), "--width", "2", "--fc", "8"]
   status, stdout, _ = run_cli(
-    [*args, "--batch-size", "4", "--methods", "lab2,bwn", "--out", str(out), *FAST], capsys
+    [*args, "--batch-size", "4", "--methods", "lab2", "--out", str(out), *FAST], capsys
   )
   assert status == 0
   results = load_results(out)
-  check_results(results, "test_error", ["lab2", "bwn"], 1, 2)
+  check_results(results, "test_error", ["lab2"], 1, 2)
   assert results["config"]["width"] == 2
   # K = 2 and 8 dense units are not the paper's net: no Table 1 or 2 figure beside these.
   assert "paper" not in stdout and "2.531" not in stdout and "11.030" not in stdout
 
 
+@pytest.mark.slow  # the CNN's run on CIFAR-10 pickles covers the subcommand by default
 def test_cnn_on_digits(tmp_path, capsys):
   out = tmp_path / "out"
   status, _, _ = run_cli(
@@ -118,19 +129,20 @@ def write_text(path, n=4000, seed=0):
   path.write_text(" ".join(rng.choice(words, size=n)))
 
 
-def test_lstm_on_a_text_file_and_a_directory(tmp_path, capsys):
+# The loader reads a file and a directory alike (test_data.py); the run through
+# the command line on a single file is in the slow run.
+@pytest.mark.parametrize("source", ["directory", pytest.param("file", marks=pytest.mark.slow)])
+def test_lstm_on_a_text_file_and_a_directory(tmp_path, capsys, source):
   (tmp_path / "src" / "sub").mkdir(parents=True)
   write_text(tmp_path / "src" / "a.h")
   write_text(tmp_path / "src" / "sub" / "b.h", seed=1)
-  for text in (tmp_path / "src" / "a.h", tmp_path / "src"):
+  for text in [tmp_path / "src" / "a.h" if source == "file" else tmp_path / "src"]:
     out = tmp_path / "out"
     args = ["lstm", "--text", str(text), "--hidden", "8", "--timesteps", "10", "--batch-size", "4"]
-    status, stdout, _ = run_cli(
-      [*args, "--methods", "fp,bc,lab2", "--out", str(out), *FAST], capsys
-    )
+    status, stdout, _ = run_cli([*args, "--methods", "bc,lab2", "--out", str(out), *FAST], capsys)
     assert status == 0
     results = load_results(out)
-    check_results(results, "test_cross_entropy", ["fp", "bc", "lab2"], 1, 2)
+    check_results(results, "test_cross_entropy", ["bc", "lab2"], 1, 2)
     vocab = results["config"]["vocab_size"]
     # Cross-entropy in nats per character: positive and near a uniform guess after 2 tiny epochs.
     assert all(0 < r["test_cross_entropy"] < 2 * np.log(vocab) for r in results["results"])
@@ -463,6 +475,7 @@ def test_data_parallel_over_eight_devices_matches_one_device(tmp_path):
   assert status.returncode == 2 and "divisible by the 8 devices" in status.stderr
 
 
+@pytest.mark.slow  # test_sharding.py runs the optimizers data-parallel by default
 def test_one_data_parallel_step_matches_one_device():
   """One training step over 8 devices against one, from the same start (data_parallel_check.py)."""
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}

@@ -242,6 +242,17 @@ def compiled_run(mode, steps):
   def alphas(state):
     return {label: s.inner_state.alpha[label] for label, s in state.inner_states.items()}
 
+  def record(params, state):
+    return params, lab_optax.quantize_params(params, state), alphas(state)
+
+  return tx, params, scan_training(tx, loss, steps, record)(params)
+
+
+def scan_training(tx, loss, steps, record):
+  """A jitted function of the params: ``init``, the first projection, then
+  ``steps`` steps in one ``lax.scan``; returns ``record(params, state)`` after the
+  first projection and, stacked, after every step."""
+
   @jax.jit
   def run(params):
     state = tx.init(params)
@@ -251,13 +262,11 @@ def compiled_run(mode, steps):
       params, state = carry
       updates, state = tx.update(jax.grad(loss)(params), state, params)
       params = optax.apply_updates(params, updates)
-      return (params, state), (params, lab_optax.quantize_params(params, state), alphas(state))
+      return (params, state), record(params, state)
 
-    first = (params, params, alphas(state))
-    _, trace = jax.lax.scan(step, (params, state), length=steps)
-    return first, trace
+    return record(params, state), jax.lax.scan(step, (params, state), length=steps)[1]
 
-  return tx, params, run(params)
+  return run
 
 
 def level_set(method):
@@ -440,30 +449,21 @@ def test_lat_approximate_objective_stays_within_one_percent_of_the_exact_one():
       total += jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
     return total
 
-  @jax.jit
-  def run(params):
-    state = tx.init(params)
-    params = lab_optax.quantize_params(params, state)
+  def record(params, state):
+    gaps = []
+    for k, scales in layouts.items():
+      s = state.inner_states[k].inner_state
+      t = jnp.maximum(s.count, 1).astype(jnp.float32)  # count 0: the first projection
+      for name in ("k1", "k2"):
+        w = s.latent[k][name]
+        d = jnp.sqrt(s.nu[k][name] / (1 - b2**t)) + eps
+        exact = lab_optax.proximal_ternarize(w, d, solver="exact", scales=scales)
+        approx_obj = jnp.sum(d * (params[k][name] - w) ** 2)
+        exact_obj = jnp.sum(d * (exact - w) ** 2)
+        gaps.append((approx_obj - exact_obj) / exact_obj)
+    return jnp.stack(gaps), loss(params)
 
-    def step(carry, _):
-      params, state = carry
-      updates, state = tx.update(jax.grad(loss)(params), state, params)
-      params = optax.apply_updates(params, updates)
-      gaps = []
-      for k, scales in layouts.items():
-        s = state.inner_states[k].inner_state
-        t = s.count.astype(jnp.float32)
-        for name in ("k1", "k2"):
-          w = s.latent[k][name]
-          d = jnp.sqrt(s.nu[k][name] / (1 - b2**t)) + eps
-          exact = lab_optax.proximal_ternarize(w, d, solver="exact", scales=scales)
-          approx_obj = jnp.sum(d * (params[k][name] - w) ** 2)
-          exact_obj = jnp.sum(d * (exact - w) ** 2)
-          gaps.append((approx_obj - exact_obj) / exact_obj)
-      return (params, state), (jnp.stack(gaps), loss(params))
-
-    _, out = jax.lax.scan(step, (params, state), length=steps)
-    return out
+  run = scan_training(tx, loss, steps, record)
 
   params = {
     k: {
@@ -474,7 +474,7 @@ def test_lat_approximate_objective_stays_within_one_percent_of_the_exact_one():
     }
     for k in layouts
   }
-  gaps, losses = map(np.asarray, run(params))
+  gaps, losses = map(np.asarray, run(params)[1])
   assert losses[-1] < 0.7 * losses[0], "the model must train"
   # The exact solver is exact: LATa is never better (up to the scale's rounding).
   assert gaps.min() > -1e-5

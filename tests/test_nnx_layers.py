@@ -19,7 +19,11 @@ def bwn(kernel):
   return np.mean(np.abs(k)) * np.where(k >= 0, 1.0, -1.0)
 
 
-@pytest.mark.parametrize("param_dtype, dtype", [(jnp.float32, None), (jnp.bfloat16, jnp.bfloat16)])
+# bfloat16 params and computation by default; float32 with -m slow.
+@pytest.mark.parametrize(
+  "param_dtype, dtype",
+  [pytest.param(jnp.float32, None, marks=pytest.mark.slow), (jnp.bfloat16, jnp.bfloat16)],
+)
 def test_shapes_and_dtypes_match_flax(param_dtype, dtype):
   kw = dict(param_dtype=param_dtype, dtype=dtype)
   pairs = [

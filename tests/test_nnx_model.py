@@ -104,7 +104,9 @@ class Deep(nnx.Module):
 def test_packed_inference_equals_float_inference(binary_inputs, tmp_path):
   model = binarized(Deep(binary_inputs, nnx.Rngs(0)))
   x = jax.random.normal(jax.random.key(1), (5, 8, 8, 3))
-  expected = model(x)
+  # Compiled once per structure (float, packed); the packed model runs eagerly once.
+  apply = jax.jit(lambda m, x: m(x))
+  expected = apply(model, x)
   before = lab_optax.summary(model, print_fn=None)
   lab_optax.nnx.pack_model(model)
   kernels = jax.tree.leaves(
@@ -113,7 +115,7 @@ def test_packed_inference_equals_float_inference(binary_inputs, tmp_path):
   )
   assert len(kernels) == 11 and all(isinstance(k, lab_optax.PackedBinary) for k in kernels)
   np.testing.assert_allclose(model(x), expected, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(jax.jit(lambda m, x: m(x))(model, x), expected, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(apply(model, x), expected, rtol=1e-5, atol=1e-5)
   after = lab_optax.summary(model, print_fn=None)
   assert (after.binary_params, after.alphas, after.float_params) == (
     before.binary_params,
@@ -125,10 +127,10 @@ def test_packed_inference_equals_float_inference(binary_inputs, tmp_path):
   lab_optax.save_packed(path, nnx.state(model))
   fresh = Deep(binary_inputs, nnx.Rngs(42))
   nnx.update(fresh, lab_optax.load_packed(path))
-  np.testing.assert_array_equal(fresh(x), model(x))
+  np.testing.assert_array_equal(apply(fresh, x), apply(model, x))
   # Unpacking gives the float kernels back bit for bit.
   lab_optax.nnx.unpack_model(model)
-  np.testing.assert_array_equal(model(x), expected)
+  np.testing.assert_array_equal(apply(model, x), expected)
 
 
 def test_xnor_path_is_exact_on_integers():
@@ -155,7 +157,7 @@ def test_xnor_path_is_exact_on_integers():
         )
       )
     lab_optax.nnx.pack_model(layer)
-    out = np.asarray(layer(inputs))
+    out = np.asarray(nnx.jit(lambda m, x: m(x))(layer, inputs))  # eager: packed_inference_*
     np.testing.assert_array_equal(out, (alpha * integer.astype(np.float32)).astype(np.float32))
 
 
@@ -260,18 +262,21 @@ def test_folded_mlp_packs_to_one_file_and_matches_the_float_model(tmp_path):
       nnx.update(norm, nnx.state(trained))
     model.eval()
     x = jax.random.normal(jax.random.key(9), (7, 20))
-    expected = model(x)
+    apply = nnx.jit(lambda m, x: m(x))  # one compilation per structure
+    expected = apply(model, x)
     model.fold_batch_norm()
     assert list(model.norms) == [None] * 3
-    np.testing.assert_allclose(model(x), expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(apply(model, x), expected, rtol=1e-4, atol=1e-4)
     lab_optax.nnx.pack_model(model)
     path = tmp_path / f"{method}.npz"
     lab_optax.save_packed(path, nnx.state(model))
     fresh = build(method).fold_batch_norm()
     nnx.update(fresh, lab_optax.load_packed(path))
     fresh.eval()
-    np.testing.assert_array_equal(fresh(x), model(x))
-    np.testing.assert_allclose(fresh(x), expected, rtol=1e-4, atol=1e-4)
+    packed_out = apply(model, x)
+    np.testing.assert_array_equal(apply(fresh, x), packed_out)
+    np.testing.assert_allclose(packed_out, expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(model(x), expected, rtol=1e-4, atol=1e-4)  # eagerly
 
 
 def test_fold_batch_norm_refuses_one_weight_per_channel():
@@ -361,7 +366,9 @@ def test_pack_model_packs_plain_layers_trained_with_lab(per_channel, tmp_path):
   layers = {name: getattr(model, name) for name in ("conv1", "conv2", "linear1", "linear2")}
   floats = {name: np.asarray(layer.kernel.get_value()) for name, layer in layers.items()}
   x = jax.random.normal(jax.random.key(2), (5, 8, 8, 1))
-  expected = model(x)
+  # Compiled once per structure (float, packed); the packed model runs eagerly once.
+  apply = nnx.jit(lambda m, x: m(x))
+  expected = apply(model, x)
   before = lab_optax.summary(model, print_fn=None)
   with warnings.catch_warnings():
     warnings.simplefilter("error")  # nothing is left dense: no warning
@@ -374,8 +381,9 @@ def test_pack_model_packs_plain_layers_trained_with_lab(per_channel, tmp_path):
     assert isinstance(packed, lab_optax.PackedBinary)
     assert packed.alpha.shape == ((floats[name].shape[-1],) if per_channel else ())
   np.testing.assert_allclose(model(x), expected, rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(nnx.jit(lambda m, x: m(x))(model, x), expected, rtol=1e-5, atol=1e-6)
-  np.testing.assert_array_equal(nnx.merge(*nnx.split(model))(x), model(x))
+  packed_out = apply(model, x)
+  np.testing.assert_allclose(packed_out, expected, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(apply(nnx.merge(*nnx.split(model)), x), packed_out)
   after = lab_optax.summary(model, print_fn=None)
   assert (after.binary_params, after.alphas, after.float_params, after.full_precision) == (
     before.binary_params,
@@ -393,12 +401,12 @@ def test_pack_model_packs_plain_layers_trained_with_lab(per_channel, tmp_path):
     warnings.simplefilter("error")
     lab_optax.nnx.pack_model(fresh)
   assert type(fresh.conv1) is BinaryConv and type(fresh.linear2) is BinaryLinear
-  np.testing.assert_array_equal(fresh(x), model(x))
+  np.testing.assert_array_equal(apply(fresh, x), packed_out)
   # Unpacking gives the float kernels back bit for bit, and the float model's outputs.
   lab_optax.nnx.unpack_model(model)
   for name, layer in layers.items():
     np.testing.assert_array_equal(np.asarray(layer.kernel.get_value()), floats[name])
-  np.testing.assert_array_equal(model(x), expected)
+  np.testing.assert_array_equal(apply(model, x), expected)
 
 
 class Assorted(nnx.Module):

@@ -66,12 +66,23 @@ def check_case(result, name):
     assert result["per_shard_alpha_spread"] > 0.5
 
 
-@pytest.mark.parametrize("name", FAST)
-def test_sharded_run_matches_one_device(name):
-  check_case(run_check(tuple(FAST))[name], name)
+def check_cases(cases):
+  """Runs ``cases`` in one child process (one test, so that pytest-xdist cannot
+  split them over two workers and two processes); names each failing case."""
+  results = run_check(tuple(cases))
+  failures = []
+  for name in cases:
+    try:
+      check_case(results[name], name)
+    except AssertionError as e:
+      failures.append(f"{name}: {e}")
+  assert not failures, "\n".join(failures)
+
+
+def test_sharded_runs_match_one_device():
+  check_cases(FAST)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", SLOW)
-def test_sharded_run_matches_one_device_explicit_axes(name):
-  check_case(run_check(tuple(SLOW))[name], name)
+def test_sharded_runs_match_one_device_explicit_axes():
+  check_cases(SLOW)

@@ -463,6 +463,36 @@ def _check_choice(name: str, value: Any, allowed: tuple[Any, ...]) -> None:
     raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
 
 
+def _alternating_solver(alpha, codes, terms, rounds, tol) -> BlockedSolver:
+  """The blocked form of an alternation of scale and codes (LATa, LAQ).
+
+  The first pass sums the terms of the previous codes (the warm start); each
+  round then sums those of the codes of the current scale, until ``rounds`` or
+  the scale moves by less than ``tol``.
+
+  Args:
+    alpha: ``sums -> alpha``, the least-squares scale of the summed terms.
+    codes: ``(|w|, alpha) -> |b|``, the codes' magnitudes for a scale.
+    terms: ``(|b|, |w|, d) -> (num, den, ...)``, the terms of the scale's sums.
+    rounds: rounds per step, at most.
+    tol: tolerance on ``alpha`` (absolute).
+  """
+
+  def block_terms(ctx, abs_w, d, warm):
+    b = jnp.abs(warm) if ctx is None else codes(abs_w, ctx["alpha"])
+    num, den = terms(b, abs_w, d)[:2]
+    return {"num": num, "den": den}
+
+  def start(sums, n, shape):
+    return {"alpha": alpha(sums), "done": jnp.zeros(shape, bool)}
+
+  def step(ctx, sums, n):
+    a, done, _ = quantizers._alternate_round(ctx["alpha"], ctx["done"], alpha(sums), tol)
+    return {"alpha": a, "done": done}
+
+  return BlockedSolver(block_terms, start, step, lambda ctx: ctx["alpha"], rounds, warm=True)
+
+
 class TernaryProjection(Projection):
   """Loss-aware ternary weights (LAT): codes in ``{-1, 0, +1}``, one or two scales.
 
@@ -510,19 +540,10 @@ class TernaryProjection(Projection):
     def alpha(sums):
       return quantizers._lat_alpha_from_sums(sums["num"], sums["den"], 0.0, 0.0)
 
-    def terms(ctx, abs_w, d, warm):
-      support = warm != 0 if ctx is None else abs_w > ctx["alpha"] / 2
-      num, den, _, _ = quantizers._lat_terms(support, abs_w, d)
-      return {"num": num, "den": den}
+    def support(abs_w, a):
+      return abs_w > a / 2
 
-    def start(sums, n, shape):
-      return {"alpha": alpha(sums), "done": jnp.zeros(shape, bool)}
-
-    def step(ctx, sums, n):
-      a, done, _ = quantizers._alternate_round(ctx["alpha"], ctx["done"], alpha(sums), self.tol)
-      return {"alpha": a, "done": done}
-
-    return BlockedSolver(terms, start, step, lambda ctx: ctx["alpha"], self.rounds, warm=True)
+    return _alternating_solver(alpha, support, quantizers._lat_terms, self.rounds, self.tol)
 
   def _key(self):
     return (self.solver, self.num_scales, self.rounds, self.tol)
@@ -582,19 +603,7 @@ class MbitProjection(Projection):
       max_abs = lax.cond(jnp.any(a <= 0), sums["max_abs"], lambda: jnp.zeros_like(a))
       return jnp.where(a > 0, a, max_abs)
 
-    def terms(ctx, abs_w, d, warm):
-      m = jnp.abs(warm) if ctx is None else magnitude(abs_w, ctx["alpha"])
-      num, den, _, _ = quantizers._mbit_terms(m, abs_w, d)
-      return {"num": num, "den": den}
-
-    def start(sums, n, shape):
-      return {"alpha": alpha(sums), "done": jnp.zeros(shape, bool)}
-
-    def step(ctx, sums, n):
-      a, done, _ = quantizers._alternate_round(ctx["alpha"], ctx["done"], alpha(sums), self.tol)
-      return {"alpha": a, "done": done}
-
-    return BlockedSolver(terms, start, step, lambda ctx: ctx["alpha"], self.rounds, warm=True)
+    return _alternating_solver(alpha, magnitude, quantizers._mbit_terms, self.rounds, self.tol)
 
   def dequantize(self, codes, scale):
     if self.kind == "log":  # powers of two: exact
