@@ -83,7 +83,10 @@ def train_with_lab(per_channel, steps=3):
 KERNELS = {"conv1": (36, 4), "conv2": (288, 8), "linear1": (512, 16), "linear2": (160, 10)}
 
 
-@pytest.mark.parametrize("per_channel", [pytest.param(False, marks=pytest.mark.slow), True])
+# test_nnx_model.py's pack_model test compares the summary of the same trained
+# model by default; both layouts here with -m slow.
+@pytest.mark.slow
+@pytest.mark.parametrize("per_channel", [False, True])
 def test_summary_counts_binarized_kernels_of_plain_layers(per_channel):
   fresh = lab_optax.summary(PlainCNN(nnx.Rngs(0)), print_fn=None)
   assert fresh.binary_params == 0 and fresh.alphas == 0
@@ -150,7 +153,8 @@ def train_with(tx, steps=2):
 @pytest.mark.parametrize(
   "tx, bits, scales",
   [
-    (lab_optax.lat(1e-2), 2, 1),
+    # Ternary by default in test_summary_of_a_ternary_layer_counts_what_its_quantizer_makes.
+    pytest.param(lab_optax.lat(1e-2), 2, 1, marks=pytest.mark.slow),
     pytest.param(lab_optax.lat(1e-2, scales=2), 2, 2, marks=pytest.mark.slow),
     (lab_optax.twn(1e-2, per_channel=True), 2, "channels"),
     pytest.param(lab_optax.laq(1e-2), 3, 1, marks=pytest.mark.slow),
