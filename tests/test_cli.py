@@ -136,17 +136,17 @@ def test_lstm_on_a_text_file_and_a_directory(tmp_path, capsys, source):
   (tmp_path / "src" / "sub").mkdir(parents=True)
   write_text(tmp_path / "src" / "a.h")
   write_text(tmp_path / "src" / "sub" / "b.h", seed=1)
-  for text in [tmp_path / "src" / "a.h" if source == "file" else tmp_path / "src"]:
-    out = tmp_path / "out"
-    args = ["lstm", "--text", str(text), "--hidden", "8", "--timesteps", "10", "--batch-size", "4"]
-    status, stdout, _ = run_cli([*args, "--methods", "bc,lab2", "--out", str(out), *FAST], capsys)
-    assert status == 0
-    results = load_results(out)
-    check_results(results, "test_cross_entropy", ["bc", "lab2"], 1, 2)
-    vocab = results["config"]["vocab_size"]
-    # Cross-entropy in nats per character: positive and near a uniform guess after 2 tiny epochs.
-    assert all(0 < r["test_cross_entropy"] < 2 * np.log(vocab) for r in results["results"])
-    assert "nats/char" in stdout
+  text = tmp_path / "src" / "a.h" if source == "file" else tmp_path / "src"
+  out = tmp_path / "out"
+  args = ["lstm", "--text", str(text), "--hidden", "8", "--timesteps", "10", "--batch-size", "4"]
+  status, stdout, _ = run_cli([*args, "--methods", "bc,lab2", "--out", str(out), *FAST], capsys)
+  assert status == 0
+  results = load_results(out)
+  check_results(results, "test_cross_entropy", ["bc", "lab2"], 1, 2)
+  vocab = results["config"]["vocab_size"]
+  # Cross-entropy in nats per character: positive and near a uniform guess after 2 tiny epochs.
+  assert all(0 < r["test_cross_entropy"] < 2 * np.log(vocab) for r in results["results"])
+  assert "nats/char" in stdout
 
 
 @pytest.mark.parametrize(

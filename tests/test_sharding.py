@@ -4,7 +4,6 @@ The runs happen in a child process (``sharding_check.py``) with 8 simulated CPU
 devices, since the device count is fixed once JAX starts.
 """
 
-import functools
 import json
 import os
 import subprocess
@@ -30,7 +29,6 @@ SLOW = [f"explicit/{layout}/{method}" for layout in LAYOUTS for method in METHOD
 TOLERANCE = 1e-3
 
 
-@functools.cache
 def run_check(cases):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env["XLA_FLAGS"] = (
@@ -69,7 +67,7 @@ def check_case(result, name):
 def check_cases(cases):
   """Runs ``cases`` in one child process (one test, so that pytest-xdist cannot
   split them over two workers and two processes); names each failing case."""
-  results = run_check(tuple(cases))
+  results = run_check(cases)
   failures = []
   for name in cases:
     try:
