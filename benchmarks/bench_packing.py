@@ -27,6 +27,7 @@ and the full layer helpers ``xnor_dense`` (packing the activations too) and
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -49,9 +50,8 @@ SIZES = (784, 2048, 2048, 2048, 10)
 # Part 1: file size.
 
 
-def trained_mlp(steps: int) -> nnx.Module:
-  """The experiments' MNIST MLP (lab_optax.experiments.models.MLP) after a few LAB steps."""
-  method = METHODS["lab"]
+def trained_mlp(steps: int, method=METHODS["lab"]) -> nnx.Module:
+  """The experiments' MNIST MLP (lab_optax.experiments.models.MLP) after a few steps of ``method``."""
   model = MLP(
     SIZES[0], SIZES[-1], hidden=SIZES[1], depth=len(SIZES) - 2, method=method, rngs=nnx.Rngs(0)
   )
@@ -89,15 +89,18 @@ def _fresh_mlp() -> MLP:
   )
 
 
+PACKED = (lab_optax.PackedBinary, lab_optax.PackedQuantized)
+
+
 def _packed_sizes(packed_state) -> dict:
-  leaves = jax.tree.leaves(packed_state, is_leaf=lambda x: isinstance(x, lab_optax.PackedBinary))
-  bits = [x for x in leaves if isinstance(x, lab_optax.PackedBinary)]
-  others = [x for x in leaves if not isinstance(x, lab_optax.PackedBinary)]
+  leaves = jax.tree.leaves(packed_state, is_leaf=lambda x: isinstance(x, PACKED))
+  packed = [x for x in leaves if isinstance(x, PACKED)]
+  others = [x for x in leaves if not isinstance(x, PACKED)]
   return {
-    "binarized_weights": sum(x.k * x.n for x in bits),
+    "binarized_weights": sum(x.k * x.n for x in packed),
     "full_precision_values": sum(int(np.size(x)) for x in others),
-    "kernel_float32_bytes": sum(4 * x.k * x.n for x in bits),
-    "kernel_bits_bytes": sum(x.bits.nbytes + x.alpha.nbytes for x in bits),
+    "kernel_float32_bytes": sum(4 * x.k * x.n for x in packed),
+    "kernel_bits_bytes": sum(sum(a.nbytes for a in jax.tree.leaves(x)) for x in packed),
     "full_precision_bytes": sum(np.asarray(x).nbytes for x in others),
   }
 
@@ -221,11 +224,78 @@ def matmul_speed(m: int, k: int, n: int, runs: int) -> dict:
   return time_alternately(fns, runs)
 
 
+# ---------------------------------------------------------------------------
+# Part 3: ternary and m-bit models, file size and end-to-end inference.
+
+
+def low_bit_file_size(model: nnx.Module) -> dict:
+  """The folded model as a float32 .npz against its save_packed file (pack_model after folding)."""
+  folded = nnx.clone(model)
+  folded.fold_batch_norm()
+  x = jax.random.normal(jax.random.key(123), (1000, SIZES[0]))
+  expected = np.asarray(folded(x))
+  packed = lab_optax.nnx.pack_model(nnx.clone(folded))
+  with tempfile.TemporaryDirectory() as tmp:
+    float_path, path = os.path.join(tmp, "float32.npz"), os.path.join(tmp, "packed.npz")
+    np.savez(float_path, **_flat(nnx.as_pure(nnx.state(folded))))
+    lab_optax.save_packed(path, nnx.state(packed))
+    loaded = lab_optax.load_packed(path)
+    float_bytes, packed_bytes = os.path.getsize(float_path), os.path.getsize(path)
+  leaves = jax.tree.leaves(loaded, is_leaf=lambda x: isinstance(x, PACKED))
+  bits = sorted({x.bits_per_weight for x in leaves if isinstance(x, PACKED)})
+  out = np.asarray(packed(x))
+  sizes = _packed_sizes(nnx.state(packed))
+  return {
+    "float32_npz_bytes": float_bytes,
+    "packed_file_bytes": packed_bytes,
+    "ratio": float_bytes / packed_bytes,
+    "kernel_ratio": sizes["kernel_float32_bytes"] / sizes["kernel_bits_bytes"],
+    "bits_per_weight": bits,
+    **sizes,
+    "max_abs_output_difference": float(np.max(np.abs(out - expected))),
+    "max_abs_output": float(np.max(np.abs(expected))),
+    "same_argmax_fraction": float(np.mean(out.argmax(1) == expected.argmax(1))),
+  }
+
+
+def _forward(model: nnx.Module):
+  graphdef, state = nnx.split(model)
+  return jax.jit(lambda state, x: nnx.merge(graphdef, state)(x)), state
+
+
+def inference_speed(models: dict, batch: int, runs: int) -> dict:
+  """Per model: the folded float model against it packed, jitted, batch ``batch``, interleaved."""
+  x = jax.random.normal(jax.random.key(7), (batch, SIZES[0]))
+  fns, outputs = {}, {}
+  for name, model in models.items():
+    folded = nnx.clone(model)
+    folded.fold_batch_norm()
+    packed = lab_optax.nnx.pack_model(nnx.clone(folded))
+    for kind, m in (("float", folded), ("packed", packed)):
+      fn, state = _forward(m)
+      fns[f"{name} {kind}"] = (fn, (state, x))
+      outputs[f"{name} {kind}"] = np.asarray(fn(state, x))
+  times = time_alternately(fns, runs)
+  result = {}
+  for name in models:
+    f, p = outputs[f"{name} float"], outputs[f"{name} packed"]
+    result[name] = {
+      "float_ms": times[f"{name} float"],
+      "packed_ms": times[f"{name} packed"],
+      "speedup": times[f"{name} float"] / times[f"{name} packed"],
+      "max_abs_output_difference": float(np.max(np.abs(p - f))),
+      "max_abs_output": float(np.max(np.abs(f))),
+      "same_argmax_fraction": float(np.mean(p.argmax(1) == f.argmax(1))),
+    }
+  return result
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--json", help="also write the results to this JSON file")
   parser.add_argument("--runs", type=int, default=50, help="timed calls per candidate (>= 20)")
-  parser.add_argument("--steps", type=int, default=3, help="lab training steps of the MLP")
+  parser.add_argument("--steps", type=int, default=3, help="training steps of each MLP")
+  parser.add_argument("--batch", type=int, default=100, help="batch of the end-to-end timing")
   args = parser.parse_args()
   if args.runs < 20:
     parser.error("--runs must be at least 20")
@@ -273,11 +343,52 @@ def main() -> None:
   for name, ms in speed.items():
     print(f"  {name:28} {ms:8.3f} {base / ms:15.2f}x")
 
+  ternary_binary_inputs = dataclasses.replace(
+    METHODS["lat"], name="lat-binary-inputs", binary_activations=True
+  )
+  models = {
+    name: trained_mlp(args.steps, method)
+    for name, method in (
+      ("lab2", METHODS["lab2"]),
+      ("lat", METHODS["lat"]),
+      ("lat, binary inputs", ternary_binary_inputs),
+      ("laq3", METHODS["laq3"]),
+    )
+  }
+  low_bit = {name: low_bit_file_size(models[name]) for name in ("lat", "laq3")}
+  print("\nFolded MNIST MLP, ternary (lab_optax.lat) and 3-bit (lab_optax.laq): save_packed file")
+  for name, r in low_bit.items():
+    print(
+      f"  {name:5} bits {r['bits_per_weight']}: float32 {r['float32_npz_bytes']:,} bytes, packed"
+      f" {r['packed_file_bytes']:,} bytes, ratio {r['ratio']:.2f}x (kernels alone"
+      f" {r['kernel_ratio']:.2f}x); outputs max |diff| {r['max_abs_output_difference']:.1e}"
+      f" (max |output| {r['max_abs_output']:.2f}), same argmax {r['same_argmax_fraction']:.1%}"
+    )
+  inference = inference_speed(models, args.batch, args.runs)
+  print(
+    f"\nEnd to end: folded MNIST MLP, float model vs packed, batch {args.batch}, median of"
+    f" {args.runs} jitted calls each, interleaved"
+  )
+  print(f"  {'':22} {'float ms':>9} {'packed ms':>10} {'speed-up':>9}  max |diff| / max |out|")
+  for name, r in inference.items():
+    print(
+      f"  {name:22} {r['float_ms']:9.3f} {r['packed_ms']:10.3f} {r['speedup']:8.2f}x"
+      f"  {r['max_abs_output_difference']:.1e} / {r['max_abs_output']:.2f}"
+      f" (same argmax {r['same_argmax_fraction']:.0%})"
+    )
+
   if args.json:
     with open(args.json, "w") as f:
-      json.dump(
-        {"machine": machine, "file_size": sizes, "matmul_ms": speed, "runs": args.runs}, f, indent=2
-      )
+      results = {
+        "machine": machine,
+        "file_size": sizes,
+        "matmul_ms": speed,
+        "low_bit_file_size": low_bit,
+        "inference": inference,
+        "runs": args.runs,
+        "batch": args.batch,
+      }
+      json.dump(results, f, indent=2)
 
 
 if __name__ == "__main__":

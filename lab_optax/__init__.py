@@ -5,6 +5,7 @@ from lab_optax._src.masks import default_mask
 from lab_optax._src.metrics import flip_ratio, sparsity
 from lab_optax._src.packing import (
   PackedBinary,
+  PackedQuantized,
   binary_conv,
   binary_dense,
   load_packed,
@@ -43,6 +44,7 @@ __version__ = "0.1.0"
 
 __all__ = (
   "PackedBinary",
+  "PackedQuantized",
   "ProjectedAdamState",
   "absmean_ternary",
   "binarize_params",

@@ -88,7 +88,7 @@ def compare(task, method):
 
 def main():
   assert jax.device_count() == 8, f"needs 8 devices, got {jax.devices()}"
-  task_for, _, _ = cli._image_experiment(cli.build_parser().parse_args(ARGS))
+  task_for, _ = cli._experiment(cli.build_parser().parse_args(ARGS))
   results = {}
   for name in METHODS:
     method = models.METHODS[name]

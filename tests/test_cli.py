@@ -8,11 +8,15 @@ import sys
 import time
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from test_data import write_cifar, write_mnist, write_svhn
 
-from lab_optax.experiments import cli, models
+from lab_optax._src.files import write_atomic
+from lab_optax.experiments import cli, models, report, settings
+from lab_optax.experiments.data import DEFAULT_TEXT_PATH
 
 FAST = ["--no-progress", "--epochs", "2"]
 DATA_PARALLEL_CHECK = Path(__file__).with_name("data_parallel_check.py")
@@ -49,14 +53,14 @@ def check_results(results, metric, methods, seeds, epochs):
   "methods",
   [
     ["xnor", "lab"],
-    pytest.param(list(cli.METHOD_NAMES), marks=pytest.mark.slow, id="all_seven"),
+    pytest.param(list(models.PAPER_METHODS), marks=pytest.mark.slow, id="all_seven"),
   ],
   ids=lambda m: ",".join(m),
 )
 def test_mlp_on_digits_with_all_seven_methods(tmp_path, capsys, methods):
   out = tmp_path / "mlp"
   args = ["mlp", "--hidden", "16", "--seeds", "2", "--out", str(out), *FAST]
-  if methods != list(cli.METHOD_NAMES):
+  if methods != list(models.PAPER_METHODS):
     args += ["--methods", ",".join(methods)]
   status, stdout, _ = run_cli(args, capsys)
   assert status == 0
@@ -153,6 +157,9 @@ def test_lstm_on_a_text_file_and_a_directory(tmp_path, capsys, source):
   "args, message",
   [
     (["mlp", "--methods", "lab,foo"], "unknown method 'foo'"),
+    (["mlp", "--methods", "lat,laq1"], "unknown method 'laq1'"),
+    (["lstm", "--methods", "laq9-log"], "unknown method 'laq9-log'"),
+    (["cnn", "--methods", "lat3"], "unknown method 'lat3'"),
     (["mlp", "--dataset", "mnist"], "--dataset mnist needs --data-dir"),
     (["mlp", "--dataset", "mnist", "--data-dir", "{tmp}/nowhere"], "nowhere"),
     (["cnn", "--dataset", "cifar10", "--data-dir", "{tmp}"], "data_batch_1"),
@@ -194,7 +201,8 @@ def test_help_has_no_literal_percent_and_states_the_defaults(capsys, experiment)
   with pytest.raises(SystemExit) as excinfo:
     cli.main([experiment, "--help"])
   assert excinfo.value.code == 0
-  text = " ".join(capsys.readouterr().out.split())  # undo argparse's line wrapping
+  raw = capsys.readouterr().out
+  text = " ".join(raw.split())  # undo argparse's line wrapping
   assert "%%" not in text
   expected = {
     "mlp": ["30% and 50%", "minibatch size (default: 100)", "(default: 0.01, LAB2 0.005)"],
@@ -212,42 +220,195 @@ def test_help_has_no_literal_percent_and_states_the_defaults(capsys, experiment)
   for phrase in expected:
     assert phrase in text, phrase
   assert "default: the paper's" not in text
+  # Every method has a line of the method list; the 2 of lat2 is not the 2 of lab2.
+  listed = raw.split("methods (--methods")[1].splitlines()[1:]
+  lines = {line.split()[0]: line for line in listed if line.startswith("  ")}
+  for name in NEW_METHODS + ("laqN", "laqN-log", *models.PAPER_METHODS):
+    assert name in lines, name
+  assert "two scales" in lines["lat2"] and "not lab2's" in lines["lat2"]
+  assert "binary activations" in lines["lab2"]
+
+
+NEW_METHODS = ("twn", "absmean", "lat", "lat-exact", "lat2", "lat2-exact", "laq3", "laq3-log")
+
+
+def test_new_methods_parse_and_the_default_stays_the_papers_seven():
+  parser = cli.build_parser()
+  assert parser.parse_args(["mlp"]).methods == list(models.PAPER_METHODS)
+  laq = [f"laq{n}{kind}" for n in range(2, 9) for kind in ("", "-log")]
+  for experiment in ("mlp", "cnn", "lstm"):
+    names = ",".join(NEW_METHODS + tuple(laq))
+    expected = list(dict.fromkeys([*NEW_METHODS, *laq]))  # laq3 twice: once
+    assert parser.parse_args([experiment, "--methods", names]).methods == expected
+
+
+def test_each_method_builds_layers_that_use_its_optimizers_projection():
+  """A ternary or m-bit kernel, as the optimizer keeps it, is what the layer uses."""
+  from flax import nnx
+
+  from lab_optax._src.transform import _find_states
+
+  for name, method in models.METHODS.items():
+    if method.optimizer is None:
+      assert not method.binary_weights
+      continue
+    tx = method.optimizer(0.01)
+    state = jax.eval_shape(tx.init, {"w": jax.ShapeDtypeStruct((4, 4), jnp.float32)})
+    projection = _find_states(state)[0].projection
+    if name in models.PAPER_METHODS:
+      assert len(projection.levels) == 2, name  # binary; the layers' default until binarize_model
+      continue
+    assert method.kernel_quantizer == projection, name
+    assert not method.binary_activations, name  # weights only, like lab
+    model = nnx.eval_shape(
+      lambda m=method: models.MLP(6, 3, hidden=4, depth=1, method=m, rngs=nnx.Rngs(0))
+    )
+    assert [layer.kernel_quantizer for layer in model.layers] == [projection] * 2, name
+  assert models.METHODS["lat2-exact"].kernel_quantizer.num_scales == 2
+  assert models.METHODS["laq5-log"].kernel_quantizer.bits == 5
 
 
 def test_paper_figures_only_for_the_papers_data_and_architecture():
-  paper = cli._paper_figures
-  assert paper("mlp", {"dataset": "mnist", "hidden": 2048}) == cli.PAPER[("mlp", "mnist")]
+  def paper(experiment, config):
+    return settings.paper_figures({"experiment": experiment, **config})
+
+  assert paper("mlp", {"dataset": "mnist", "hidden": 2048})["lab"] == 1.170  # Table 1
   assert paper("mlp", {"dataset": "mnist", "hidden": 32}) is None
   assert paper("mlp", {"dataset": "digits", "hidden": 2048}) is None
   cnn = {"dataset": "cifar10", "width": 128, "fc": 1024}
-  assert paper("cnn", cnn) == cli.PAPER[("cnn", "cifar10")]
+  assert paper("cnn", cnn)["bc"] == 9.860
   assert paper("cnn", {**cnn, "width": 64}) is None
   assert paper("cnn", {**cnn, "fc": 128}) is None
   svhn = {"dataset": "svhn", "width": 64, "fc": 1024}
-  assert paper("cnn", svhn) == cli.PAPER[("cnn", "svhn")]
+  assert paper("cnn", svhn)["lab2"] == 3.362  # Table 1, all seven methods
   assert paper("cnn", {**svhn, "width": 16})["lab"] == 3.050  # Table 2
   assert paper("cnn", {**svhn, "width": 128})["fp"] == 2.146
   assert paper("cnn", {**svhn, "width": 2}) is None
   assert paper("cnn", {**svhn, "width": 32, "fc": 8}) is None
   assert paper("cnn", {"dataset": "digits", "width": 16, "fc": 128}) is None
-  lstm = {"default_text": True, "hidden": 512, "timesteps": 100, "split": [0.9, 0.05, 0.05]}
-  assert paper("lstm", lstm) == cli.PAPER[("lstm", "linux")]
+  lstm = {"text": DEFAULT_TEXT_PATH, "hidden": 512, "timesteps": 100, "split": [0.9, 0.05, 0.05]}
+  assert paper("lstm", lstm)["lab"] == 1.314  # Table 3
   assert paper("lstm", {**lstm, "hidden": 128}) is None
   assert paper("lstm", {**lstm, "timesteps": 10}) is None
   assert paper("lstm", {**lstm, "split": [0.8, 0.1, 0.1]}) is None
-  assert paper("lstm", {**lstm, "default_text": False}) is None
+  assert paper("lstm", {**lstm, "text": "war_and_peace.txt"}) is None
   # Table 2 has no BNN figure: "-" for it, and no column at all when no method has one.
   records = [{"method": m, "test_error": 3.0} for m in ("lab", "bnn")]
-  table = cli.summarize(records, "test_error", paper("cnn", {**svhn, "width": 16}))
+  table = report.summarize(records, "test_error", paper("cnn", {**svhn, "width": 16}))
   assert "paper" in table and "3.050" in table and table.splitlines()[-1].endswith("-")
-  table = cli.summarize(records[1:], "test_error", paper("cnn", {**svhn, "width": 16}))
+  table = report.summarize(records[1:], "test_error", paper("cnn", {**svhn, "width": 16}))
   assert "paper" not in table
+
+
+def test_ternary_and_mbit_methods_train_from_the_command_line(tmp_path, capsys):
+  out = tmp_path / "low_bit"
+  args = ["mlp", "--dataset", "digits", "--epochs", "1", "--methods", "lat,laq3", "--hidden", "32"]
+  status, stdout, _ = run_cli([*args, "--out", str(out), "--no-progress"], capsys)
+  assert status == 0
+  results = load_results(out)
+  check_results(results, "test_error", ["lat", "laq3"], 1, 1)
+  assert all(0 <= r["test_error"] <= 100 for r in results["results"])
+  assert [r["label"] for r in results["results"]] == ["LATa", "LAQ3 (linear)"]
+  assert "LATa" in stdout and "LAQ3 (linear)" in stdout and "paper" not in stdout
+
+
+def fake_run(directory, methods, seeds=1, **config):
+  """Writes the results.json of a run of the MLP, as the command line does, without training."""
+  config = {
+    "experiment": "mlp", "dataset": "digits", "hidden": 32, "batch_size": 100, "lr": 0.01,
+    "lr_lab2": 0.005, "epochs": 2, "methods": methods, "seeds": seeds, "devices": 1,
+    "platform": "cpu", "lab_optax_version": "0.1.0", "jax_version": "0.0", "machine": "x86_64",
+    **config,
+  }  # fmt: skip
+  metric = settings.METRICS[config["experiment"]]
+  records = []
+  for i, method in enumerate(methods):
+    for seed in range(seeds):
+      error = 10.0 + i + seed
+      records.append(
+        {
+          "method": method, "label": models.METHODS[method].label, "seed": seed,
+          metric: error, metric.replace("test", "val"): error + 1, "best_epoch": 2, "epochs": 2,
+          "val_curve": [error + 2, error + 1], "test_curve": [error + 1, error],
+          "train_loss_curve": [0.5, 0.4], "wall_time_s": 1.0,
+        }
+      )  # fmt: skip
+  directory.mkdir(parents=True, exist_ok=True)
+  (directory / "results.json").write_text(json.dumps({"config": config, "results": records}))
+  return directory
+
+
+def test_report_merges_separate_runs_into_one_table(tmp_path, capsys):
+  mnist = {"dataset": "mnist", "hidden": 2048}  # Table 1's setting: the paper's column
+  a = fake_run(tmp_path / "a", ["fp", "lab"], seeds=2, **mnist)
+  b = fake_run(tmp_path / "b", ["lat"], seeds=2, devices=8, platform="gpu", **mnist)
+  status, stdout, err = run_cli(["report", str(a), str(b / "results.json")], capsys)
+  assert status == 0 and err == ""
+  rows = [line.split() for line in stdout.splitlines()]
+  assert rows[0] == ["method", "seeds", "test", "error", "(%)", "paper"]
+  assert rows[2:] == [
+    ["FP", "2", "10.500", "+-", "0.707", "1.190"],
+    ["LAB", "2", "11.500", "+-", "0.707", "1.170"],
+    ["LATa", "2", "10.500", "+-", "0.707", "-"],
+  ]
+  # The same table as one run of the three methods prints.
+  records = load_results(a)["results"] + load_results(b)["results"]
+  paper = settings.paper_figures({"experiment": "mlp", **mnist})
+  assert stdout.startswith(report.summarize(records, "test_error", paper))
+  # --out: the merged results.json and the plot.
+  out = tmp_path / "merged"
+  status, stdout, _ = run_cli(["report", str(a), str(b), "--out", str(out)], capsys)
+  assert status == 0 and f"results: {out / 'results.json'}" in stdout
+  merged = load_results(out)
+  assert [(r["method"], r["seed"]) for r in merged["results"]] == [
+    (m, s) for m in ("fp", "lab", "lat") for s in (0, 1)
+  ]
+  config = merged["config"]
+  assert config["methods"] == ["fp", "lab", "lat"] and config["seeds"] == 2
+  assert config["devices"] == [1, 8] and config["platform"] == ["cpu", "gpu"]
+  assert config["machine"] == "x86_64" and config["hidden"] == 2048
+  assert config["merged_from"] == [str(a / "results.json"), str(b / "results.json")]
+  assert (out / "validation_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  # A merged file merges again, with runs of other methods.
+  c = fake_run(tmp_path / "c", ["bwn"], **mnist)
+  assert run_cli(["report", str(out), str(c), "--out", str(out)], capsys)[0] == 0
+  config = load_results(out)["config"]
+  assert config["methods"] == ["fp", "lab", "lat", "bwn"] and config["devices"] == [1, 8]
+  assert config["merged_from"][2:] == [str(c / "results.json")]
+
+
+def test_report_refuses_other_settings_twice_the_same_run_and_bad_files(tmp_path, capsys):
+  a = fake_run(tmp_path / "a", ["fp"])
+  fake_run(tmp_path / "hidden", ["lab"], hidden=64)
+  fake_run(tmp_path / "lstm", ["lab"], experiment="lstm", text="t.txt", timesteps=10)
+  fake_run(tmp_path / "again", ["lab", "fp"])
+  (tmp_path / "broken").mkdir()
+  (tmp_path / "broken" / "results.json").write_text('{"config": {"experiment": "mlp"}')
+  (tmp_path / "empty").mkdir()
+  cases = {
+    "hidden": "hidden/results.json is a run of other settings than",
+    "lstm": "(experiment, text, timesteps)",
+    "again": "again/results.json and",
+    "broken": "broken/results.json is not valid JSON",
+    "empty": "no results.json in",
+    "nowhere": "nowhere does not exist",
+  }
+  out = tmp_path / "out"
+  for name, message in cases.items():
+    args = ["report", str(a), str(tmp_path / name), "--out", str(out)]
+    status, stdout, err = run_cli(args, capsys)
+    assert status == 2 and stdout == "", name
+    assert err.startswith("lab-optax: error: ") and err.count("\n") == 1, name
+    assert message in err, (name, err)
+  assert "hidden)" in run_cli(["report", str(a), str(tmp_path / "hidden")], capsys)[2]
+  assert "fp seed 0" in run_cli(["report", str(a), str(tmp_path / "again")], capsys)[2]
+  assert not out.exists()  # refused before anything was written
 
 
 def test_write_atomic_gives_the_mode_of_a_plain_open(tmp_path):
   old = os.umask(0o027)
   try:
-    cli._write_atomic(tmp_path / "a" / "f.json", lambda f: f.write(b"{}"))
+    write_atomic(tmp_path / "a" / "f.json", lambda f: f.write(b"{}"))
     with open(tmp_path / "plain", "w"):
       pass
   finally:
@@ -306,7 +467,7 @@ def test_a_failed_plot_keeps_the_results_and_removes_an_older_plot(tmp_path, cap
   def broken(*args):
     raise RuntimeError("no backend")
 
-  monkeypatch.setattr(cli, "render_curves", broken)
+  monkeypatch.setattr(report, "render_curves", broken)
   status, stdout, err = run_cli(
     [
       "mlp",

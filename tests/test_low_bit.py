@@ -180,6 +180,19 @@ EXACT_METHODS = {
 # holds (README, lab_optax.laq): exact in float32, within a bound in 16 bits.
 WIDE_LOG = {"laq6_log": (6, "log"), "laq8_log": (8, "log")}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# The default run's methods: binary, each ternary solver and scale count, the baselines,
+# linear and log m-bit levels, and the widest log levels (bounded in 16 bits).
+MIXED = (
+  "lab",
+  "lat",
+  "lat2",
+  "twn",
+  "absmean",
+  "laq3_linear",
+  "laq4_log",
+  "laq8_linear",
+  "laq6_log",
+)
 
 
 def mlp_params(seed, dtype):
@@ -209,6 +222,9 @@ def every_method(mode):
   for name, (bits, kind) in WIDE_LOG.items():
     methods[name] = functools.partial(lab_optax.laq, bits=bits, levels=kind)
   if mode == "mixed":
+    # One of each kind of level set (the program compiles in time linear in the methods);
+    # the dtype modes (-m slow) run all of them.
+    methods = {name: methods[name] for name in MIXED}
     labels = [
       f"{m}/{list(LAYOUTS)[(i // 2) % 2]}/{('bfloat16', 'float16')[i % 2]}"
       for i, m in enumerate(methods)

@@ -15,10 +15,12 @@ import lab_optax
 from lab_optax.nnx import (
   BinaryConv,
   BinaryLinear,
+  BinaryParam,
   binarize_model,
   binary_mask,
   fold_batch_norm,
   pack_model,
+  unpack_model,
 )
 
 
@@ -437,9 +439,9 @@ def test_pack_model_names_the_kernels_it_leaves_dense():
   assert len(record) == 1
   assert str(record[0].message) == (
     "pack_model left 4 kernels in full precision: "
-    "einsum/kernel (not binarized), "
+    "einsum/kernel (not quantized), "
     "embed/embedding (no packed inference for nnx.Embed), "
-    "latent/kernel (not binarized), "
+    "latent/kernel (not quantized), "
     "masked/kernel (no packed inference for nnx.Conv with a kernel mask)"
   )
   assert type(model.dense) is BinaryLinear and type(model.latent) is nnx.Linear
@@ -484,7 +486,7 @@ class LowBit(nnx.Module):
     return self.plain(self.mbit(self.ternary(self.binary(x))))
 
 
-def test_pack_model_leaves_ternary_and_mbit_kernels_dense_with_a_warning():
+def test_pack_model_packs_ternary_and_mbit_kernels(tmp_path):
   model = LowBit(nnx.Rngs(0))
   model.binary.kernel.set_value(lab_optax.binarize_ste(model.binary.kernel.get_value()))
   for name in ("ternary", "mbit"):
@@ -495,21 +497,33 @@ def test_pack_model_leaves_ternary_and_mbit_kernels_dense_with_a_warning():
   model.plain.kernel.set_value(lab_optax.quantize_ste(w, lab_optax.projections.TernaryProjection()))
   x = jax.random.normal(jax.random.key(0), (3, 64))
   y = model(x)
-  before = {n: getattr(model, n).kernel.get_value() for n in ("ternary", "mbit", "plain")}
-  with pytest.warns(UserWarning, match="3 kernels in full precision") as record:
+  before = {n: getattr(model, n).kernel.get_value() for n in ("binary", "ternary", "mbit", "plain")}
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
     pack_model(model)
-  message = str(record[0].message)
-  assert "ternary/kernel (ternary, 2 bits per weight" in message
-  assert "mbit/kernel (3-bit linear, 3 bits per weight" in message
-  assert "plain/kernel (ternary, 2 bits per weight" in message
   assert isinstance(model.binary.kernel.get_value(), lab_optax.PackedBinary)
-  for name, kernel in before.items():
-    np.testing.assert_array_equal(getattr(model, name).kernel.get_value(), kernel)
-  assert type(model.plain) is nnx.Linear
+  bits = {
+    n: getattr(model, n).kernel.get_value().bits_per_weight for n in ("ternary", "mbit", "plain")
+  }
+  assert bits == {"ternary": 2, "mbit": 3, "plain": 2}
+  assert type(model.plain) is BinaryLinear and type(model.plain.kernel) is BinaryParam
+  assert model.plain.kernel_quantizer == lab_optax.projections.TernaryProjection()
   np.testing.assert_allclose(model(x), y, rtol=1e-5, atol=1e-6)
   s = lab_optax.summary(model, print_fn=None)
-  assert s.not_packed == ("mbit/kernel", "plain/kernel", "ternary/kernel")
-  assert s.full_precision == ()
+  assert s.not_packed == () and s.full_precision == ()
+  assert dict(s.low_bit_params) == {2: 16 * 16 + 16 * 4, 3: 16 * 16}
+  # The file holds the planes; a fresh model runs from it once pack_model converts the plain layer.
+  path = tmp_path / "low_bit.npz"
+  lab_optax.save_packed(path, nnx.state(model))
+  fresh = LowBit(nnx.Rngs(1))
+  nnx.update(fresh, lab_optax.load_packed(path))
+  pack_model(fresh)
+  np.testing.assert_allclose(fresh(x), model(x), rtol=1e-6, atol=1e-6)
+  unpack_model(model)
+  for name, kernel in before.items():
+    bitwise = np.asarray(getattr(model, name).kernel.get_value()).view(np.uint32)
+    np.testing.assert_array_equal(bitwise, np.asarray(kernel).view(np.uint32))
+  np.testing.assert_allclose(model(x), y, rtol=1e-6, atol=1e-6)
 
 
 def test_pack_model_does_not_pack_a_ternary_kernel_of_a_binary_layer():

@@ -42,29 +42,30 @@ def bitwise_equal(a, b):
 
 
 def trained_params(shapes, *, dtype=jnp.float32, per_channel=False, steps=3, seed=0):
-  """Params after lab's t = 1 projection and a few update steps, in one compilation."""
+  """Params after lab's t = 1 projection and a few update steps, in one compilation
+  per structure, dtype and layout (shared by the tests)."""
   rng = np.random.default_rng(seed)
   params = {
     name: jnp.asarray(rng.uniform(-0.5, 0.5, shape), dtype) for name, shape in shapes.items()
   }
   params["bias"] = jnp.linspace(-1, 1, 5, dtype=dtype)
+  return _train(params, jax.random.key(seed), per_channel, steps)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _train(params, key, per_channel, steps):
   tx = lab_optax.lab(1e-2, per_channel=per_channel)
+  state = tx.init(params)
+  params = lab_optax.binarize_params(params, state)
 
-  @jax.jit
-  def train(params, key):
-    state = tx.init(params)
-    params = lab_optax.binarize_params(params, state)
+  def step(i, carry):
+    params, state = carry
+    keys = jax.random.split(jax.random.fold_in(key, i), len(params))
+    grads = {n: jax.random.normal(k, p.shape, p.dtype) for k, (n, p) in zip(keys, params.items())}
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
 
-    def step(i, carry):
-      params, state = carry
-      keys = jax.random.split(jax.random.fold_in(key, i), len(params))
-      grads = {n: jax.random.normal(k, p.shape, p.dtype) for k, (n, p) in zip(keys, params.items())}
-      updates, state = tx.update(grads, state, params)
-      return optax.apply_updates(params, updates), state
-
-    return jax.lax.fori_loop(0, steps, step, (params, state))[0]
-
-  return train(params, jax.random.key(seed))
+  return jax.lax.fori_loop(0, steps, step, (params, state))[0]
 
 
 # ---------------------------------------------------------------------------
@@ -225,7 +226,7 @@ def test_pack_keeps_exact_zeros_and_signs():
 def test_pack_refuses_leaf_that_is_not_binarized():
   params = trained_params({"w": (6, 4)})
   params = {"layers": [params, {"kernel": jnp.arange(12.0).reshape(3, 4)}]}
-  with pytest.raises(ValueError, match=r"\['layers'\]\[1\]\['kernel'\] is not binarized"):
+  with pytest.raises(ValueError, match=r"\['layers'\]\[1\]\['kernel'\] is not quantized"):
     lab_optax.pack(params)
   mask = {"layers": [jax.tree.map(lambda p: p.ndim >= 2, params["layers"][0]), {"kernel": False}]}
   packed = lab_optax.pack(params, mask)
@@ -244,7 +245,7 @@ def test_pack_checks_a_given_layout():
 
 
 def test_pack_refuses_nan_and_scalars():
-  with pytest.raises(ValueError, match=r"\['w'\] is not binarized"):
+  with pytest.raises(ValueError, match=r"\['w'\] is not quantized"):
     lab_optax.pack({"w": jnp.array([[1.0, jnp.nan], [1.0, -1.0]])})
   with pytest.raises(ValueError, match=r"scalar leaf at \['s'\]"):
     lab_optax.pack({"s": jnp.float32(1.0)}, mask={"s": True})
@@ -549,9 +550,9 @@ def test_save_refuses_non_numeric_leaves(tmp_path):
 
 def test_pack_refuses_one_row_with_several_magnitudes():
   # One weight per channel: "one alpha per channel" would be the weights themselves.
-  with pytest.raises(ValueError, match="not binarized"):
+  with pytest.raises(ValueError, match="not quantized"):
     lab_optax.pack({"w": jnp.array([[0.4, -0.2, 0.3]])})
-  with pytest.raises(ValueError, match="not binarized"):
+  with pytest.raises(ValueError, match="not quantized"):
     lab_optax.pack({"w": jnp.array([[0.4, -0.2, 0.3]])}, per_channel=True)
   binary = jnp.array([[0.3, -0.3, 0.3]])
   np.testing.assert_array_equal(lab_optax.unpack(lab_optax.pack({"w": binary}))["w"], binary)

@@ -2,11 +2,16 @@
 
 Hou, Yao and Kwok, "Loss-aware Binarization of Deep Networks", ICLR 2017
 (arXiv:1611.01600): the methods compared and the networks of Section 4
-(Tables 1 and 2 for the feedforward nets, Tables 3 and 4 for the LSTM).
+(Tables 1 and 2 for the feedforward nets, Tables 3 and 4 for the LSTM), and
+the follow-up's ternary and m-bit methods (Hou and Kwok, "Loss-aware Weight
+Quantization of Deep Networks", ICLR 2018: LAT and LAQ, beside TWN and BitNet
+b1.58's absmean), which quantize the weights only.
 """
 
 import dataclasses
+import functools
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +19,7 @@ import optax
 from flax import nnx
 
 import lab_optax
+from lab_optax import projections
 from lab_optax.nnx import (
   BinaryConv,
   BinaryLinear,
@@ -21,17 +27,27 @@ from lab_optax.nnx import (
   fold_batch_norm,
   lstm_kernel_init,
 )
+from lab_optax.nnx.layers import KernelQuantizer
 
 
 @dataclasses.dataclass(frozen=True)
 class Method:
-  """One column of the paper's comparison: how weights and activations are binarized."""
+  """One column of a comparison: how weights and activations are quantized, and by what.
+
+  The paper's seven (:data:`PAPER_METHODS`) binarize; the follow-up's LAT and
+  LAQ and their baselines TWN and absmean ternarize or quantize to m bits, with
+  full-precision activations.
+  """
 
   name: str  # Command-line name.
   label: str  # Name in tables and plots.
-  binary_weights: bool
+  binary_weights: bool  # Quantized (binary, ternary or m-bit) weights.
   binary_activations: bool
   optimizer: Callable[..., optax.GradientTransformation] | None  # None: full precision Adam.
+  # The layers' kernel quantizer: the optimizer's projection, so that a kernel the optimizer
+  # keeps ternary or m-bit is used as it is (lab_optax.nnx.binarize_model sets it too).
+  kernel_quantizer: KernelQuantizer = "bwn"
+  description: str = ""  # One line, for the command line's help.
 
   def make_optimizer(
     self, learning_rate: optax.ScalarOrSchedule, model: nnx.Module, grad_clip: float | None = None
@@ -45,19 +61,77 @@ class Method:
       tx = optax.chain(optax.clip(grad_clip), tx)
     return tx
 
+  def layer_options(self) -> dict[str, Any]:
+    """The keyword arguments that make a quantized layer of this method's weights."""
+    return {
+      "binarize_kernel": self.binary_weights,
+      "kernel_quantizer": self.kernel_quantizer if self.binary_weights else None,
+    }
+
+
+#: The LAB paper's seven methods, in its tables' order: the command line's default.
+PAPER_METHODS = ("fp", "bc", "bwn", "lab", "bnn", "xnor", "lab2")
+#: The bit widths of ``laqN`` and ``laqN-log`` (lab_optax.laq's).
+LAQ_BITS = range(2, 9)
+
+
+def _lat(name: str, label: str, solver: str, scales: int, description: str) -> Method:
+  optimizer = functools.partial(lab_optax.lat, solver=solver, scales=scales)
+  # lab_optax.lat's projection: its default rounds (0) included.
+  projection = projections.TernaryProjection(solver, scales, rounds=0)
+  return Method(name, label, True, False, optimizer, projection, description)
+
+
+def _laq(bits: int, levels: str) -> Method:
+  name = f"laq{bits}" + ("-log" if levels == "log" else "")
+  optimizer = functools.partial(lab_optax.laq, bits=bits, levels=levels)
+  projection = projections.MbitProjection(bits, levels)  # lab_optax.laq's, rounds=10
+  kind = "logarithmic" if levels == "log" else "linear"
+  description = f"LAQ, {bits}-bit weights on {kind} levels (lab_optax.laq)"
+  return Method(name, f"LAQ{bits} ({levels})", True, False, optimizer, projection, description)
+
 
 METHODS: dict[str, Method] = {
   m.name: m
   for m in (
-    Method("fp", "FP", False, False, None),
-    Method("bc", "BinaryConnect", True, False, lab_optax.binary_connect),
-    Method("bwn", "BWN", True, False, lab_optax.bwn),
-    Method("lab", "LAB", True, False, lab_optax.lab),
-    Method("bnn", "BNN", True, True, lab_optax.binary_connect),
-    Method("xnor", "XNOR", True, True, lab_optax.bwn),
-    Method("lab2", "LAB2", True, True, lab_optax.lab),
+    Method("fp", "FP", False, False, None, None, "full precision (Adam)"),
+    Method(
+      "bc", "BinaryConnect", True, False, lab_optax.binary_connect,
+      description="BinaryConnect: sign(w), alpha = 1",
+    ),
+    Method("bwn", "BWN", True, False, lab_optax.bwn, description="BWN: alpha = mean|w|"),
+    Method("lab", "LAB", True, False, lab_optax.lab, description="loss-aware binarization"),
+    Method(
+      "bnn", "BNN", True, True, lab_optax.binary_connect,
+      description="BinaryConnect's weights and binary activations",
+    ),
+    Method(
+      "xnor", "XNOR", True, True, lab_optax.bwn,
+      description="BWN's weights and binary activations",
+    ),
+    Method(
+      "lab2", "LAB2", True, True, lab_optax.lab,
+      description="LAB's weights and binary activations (LAB2: its 2 is the binary activations)",
+    ),
+    Method(
+      "twn", "TWN", True, False, lab_optax.twn, projections.TWNProjection(),
+      "ternary weight networks: Delta = 0.7 mean|w| (lab_optax.twn)",
+    ),
+    Method(
+      "absmean", "absmean", True, False, lab_optax.absmean_ternary,
+      projections.AbsmeanProjection(),
+      "BitNet b1.58's absmean ternary weights (lab_optax.absmean_ternary)",
+    ),
+    _lat("lat", "LATa", "approximate", 1, "loss-aware ternary weights (lab_optax.lat, LATa)"),
+    _lat("lat-exact", "LATe", "exact", 1, "LAT with the exact solver (LATe)"),
+    _lat(
+      "lat2", "LAT2a", "approximate", 2,
+      "LAT with two scales alpha+, alpha- (LAT2a: its 2 is two scales, not lab2's activations)",
+    ),
+    _lat("lat2-exact", "LAT2e", "exact", 2, "LAT2 with the exact solver (LAT2e)"),
+    *(_laq(bits, levels) for bits in LAQ_BITS for levels in ("linear", "log")),
   )
-}
+}  # fmt: skip
 
 
 def _batch_norm(features: int, rngs: nnx.Rngs) -> nnx.BatchNorm:
@@ -91,7 +165,7 @@ class MLP(nnx.Module):
           n_in,
           n_out,
           use_bias=False,  # the batch norm that follows has the bias
-          binarize_kernel=method.binary_weights,
+          **method.layer_options(),
           binarize_inputs=method.binary_activations and i > 0,
           rngs=rngs,
         )
@@ -160,7 +234,7 @@ class VGG(nnx.Module):
           n_out,
           (3, 3),
           use_bias=False,
-          binarize_kernel=method.binary_weights,
+          **method.layer_options(),
           binarize_inputs=method.binary_activations and i > 0,
           rngs=rngs,
         )
@@ -175,7 +249,7 @@ class VGG(nnx.Module):
           a,
           b,
           use_bias=False,
-          binarize_kernel=method.binary_weights,
+          **method.layer_options(),
           binarize_inputs=method.binary_activations,
           rngs=rngs,
         )
@@ -216,7 +290,7 @@ class CharLSTM(nnx.Module):
     self.cell = BinaryLSTMCell(
       vocab_size,
       hidden,
-      binarize_kernel=method.binary_weights,
+      **method.layer_options(),
       binary_activation=method.binary_activations,
       rngs=rngs,
     )

@@ -17,9 +17,11 @@ quantized weights can be selected with an nnx filter; biases are plain
 ``nnx.Param``.
 
 After :func:`lab_optax.nnx.pack_model`, a binary kernel holds a
-:class:`lab_optax.PackedBinary` (1 bit per weight and its alpha) and the layer
-runs inference from it: ``alpha * (x @ b)`` for real-valued inputs, and the
-exact XNOR-popcount product for binarized inputs.
+:class:`lab_optax.PackedBinary` (1 bit per weight and its alpha), a ternary or
+m-bit one a :class:`lab_optax.PackedQuantized` (2 or m bit planes and its
+scales), and the layer runs inference from it: ``alpha * (x @ b)`` for
+real-valued inputs, and popcounts of the packed inputs against the kernel's bit
+planes for binarized inputs (XNOR-popcount for binary kernels).
 """
 
 import dataclasses
@@ -330,9 +332,9 @@ class BinaryLinear(nnx.Linear):
     self.binarize_inputs = input_quantizer is not None
 
   def __call__(self, inputs: Array, out_sharding: Any = None) -> Array:
-    """``y = input_quantizer(x) @ kernel_quantizer(kernel) + bias``; packed kernels run 1-bit inference."""
+    """``y = input_quantizer(x) @ kernel_quantizer(kernel) + bias``; packed kernels run packed inference."""
     kernel = self.kernel.get_value()
-    if not isinstance(kernel, packing.PackedBinary):
+    if not packing.is_packed(kernel):
       return super().__call__(inputs, out_sharding)
     inputs, xnor = _packed_inputs(self, inputs)
     inputs = _inference_dtype(inputs, self.dtype, kernel, self.bias)
@@ -344,7 +346,7 @@ class BinaryLinear(nnx.Linear):
 
 
 def _inference_dtype(
-  inputs: Array, dtype: Dtype | None, kernel: packing.PackedBinary, bias: nnx.Param | None
+  inputs: Array, dtype: Dtype | None, kernel: packing.Packed, bias: nnx.Param | None
 ) -> Array:
   """The inputs in the dtype the float layer computes in (``promote_dtype``'s choice)."""
   inputs = jnp.asarray(inputs)
@@ -478,9 +480,9 @@ class BinaryConv(nnx.Conv):
     self.binarize_inputs = input_quantizer is not None
 
   def __call__(self, inputs: Array, out_sharding: Any = None) -> Array:
-    """``y = conv(input_quantizer(x), kernel_quantizer(kernel)) + bias``; packed kernels run 1-bit inference."""
+    """``y = conv(input_quantizer(x), kernel_quantizer(kernel)) + bias``; packed kernels run packed inference."""
     kernel = self.kernel.get_value()
-    if not isinstance(kernel, packing.PackedBinary):
+    if not packing.is_packed(kernel):
       return super().__call__(inputs, out_sharding)
     if self.mask is not None:
       raise ValueError("a BinaryConv with a kernel mask cannot run from packed weights")

@@ -167,7 +167,7 @@ def _packed_inference(module: nnx.Module, name: str) -> str | None:
     if module.mask is not None:
       custom.append("a kernel mask")
     try:
-      packing._padding(module.padding, len(module.kernel_size))
+      packing.normalize_padding(module.padding, len(module.kernel_size))
     except (TypeError, ValueError):
       custom.append(f"padding {module.padding!r}")
   if custom:
@@ -175,24 +175,27 @@ def _packed_inference(module: nnx.Module, name: str) -> str | None:
   return None
 
 
-def _to_binary_layer(module: nnx.Module, kernel: packing.PackedBinary) -> None:
-  """Makes ``module`` the binary layer that computes what it computes, with a packed kernel.
+def _to_binary_layer(
+  module: nnx.Module, kernel: packing.Packed, projection: projections.Projection
+) -> None:
+  """Makes ``module`` the quantized layer that computes what it computes, with a packed kernel.
 
   A plain ``nnx.Linear``/``nnx.Conv`` becomes, in place (same object), a
   :class:`BinaryLinear`/:class:`BinaryConv` with ``binarize_inputs=False``; a
   binary layer with ``binarize_kernel=False`` keeps its class and input
   quantizer. Either way the kernel becomes a :class:`BinaryParam` (with its
-  metadata) and the layer binarizes its kernel, marked as already binarized
-  (as :func:`binarize_model` does), so that the float forward pass uses the
-  kernel as it is: after :func:`unpack_model` the layer computes what the
-  original layer computed, bit for bit.
+  metadata) and the layer quantizes its kernel with ``projection`` (the
+  kernel's level set), marked as already quantized (as :func:`binarize_model`
+  does), so that the float forward pass uses the kernel as it is: after
+  :func:`unpack_model` the layer computes what the original layer computed,
+  bit for bit.
   """
   op_name = _op_name(module)
   op = getattr(module, op_name)
   if isinstance(op, _BinaryOp):
-    op = dataclasses.replace(op, kernel_quantizer=projections.bwn, kernel_binarized=True)
+    op = dataclasses.replace(op, kernel_quantizer=projection, kernel_binarized=True)
   else:
-    op = _BinaryOp(op, projections.bwn, None, kernel_binarized=True)
+    op = _BinaryOp(op, projection, None, kernel_binarized=True)
     cls = BinaryLinear if isinstance(module, nnx.Linear) else BinaryConv
     # Both classes only add attributes: the instance layout is the same. object.__setattr__,
     # not nnx's, which would record __class__ as an attribute of the graph node.
@@ -201,7 +204,7 @@ def _to_binary_layer(module: nnx.Module, kernel: packing.PackedBinary) -> None:
     module.input_quantizer = None
   setattr(module, op_name, op)
   module.binarize_kernel = True
-  module.kernel_quantizer = projections.bwn
+  module.kernel_quantizer = projection
   module.kernel = BinaryParam(kernel, **module.kernel.get_metadata())
 
 
@@ -209,83 +212,109 @@ def _path(path: Sequence[Any], name: str) -> str:
   return "/".join(map(str, (*path, name)))
 
 
-def _is_unpacked_binary(_path: Any, x: Any) -> bool:
-  return isinstance(x, BinaryParam) and not isinstance(x.get_value(), packing.PackedBinary)
-
-
 def _low_bit_reason(found: tuple[str, int]) -> str:
   name, bits = found
-  return f"{name}, {bits} bits per weight: pack_model packs binary kernels only"
+  return f"{name}, {bits} bits per weight, but the layer's kernel quantizer is binary"
 
 
-def _not_binary(module: nnx.Module, kernel: Any) -> str | None:
-  """Why a BinaryParam kernel is not packed as binary (it is ternary or m-bit), or ``None``."""
-  if isinstance(kernel, packing.PackedBinary) or isinstance(kernel, jax.core.Tracer):
-    return None
+def _pack_kernel(
+  module: nnx.Module, kernel: Any, where: str, per_channel: bool | None
+) -> tuple[packing.Packed | None, str | None]:
+  """A :class:`BinaryParam` kernel packed on its layer's level set, or why it stays dense.
+
+  Raises ValueError (naming the kernel) if it is not on its quantizer's level set.
+  """
   quantizer = getattr(module, "kernel_quantizer", None)
-  if quantizer is not None and not isinstance(quantizer, projections.BinaryProjection):
-    if not _is_kernel(kernel) or _binarized_layout(kernel) is None:
+  if isinstance(quantizer, projections.BinaryProjection) or quantizer is None:
+    if isinstance(kernel, jax.core.Tracer) or not _is_kernel(kernel):
+      return packing.pack(kernel, True, per_channel=per_channel), None
+    if _binarized_layout(kernel) is None:
       found = _kernel_layout(kernel)
-      if found is not None:
-        return _low_bit_reason(found)
-      return f"kernel quantizer {quantizer!r}, not binary: pack_model packs binary kernels only"
-    return None
-  if _is_kernel(kernel) and _binarized_layout(kernel) is None:
-    found = _kernel_layout(kernel)
-    if found is not None:
-      return _low_bit_reason(found)
-  return None
+      if found is not None:  # the layer's forward pass would binarize it: keep it dense
+        return None, _low_bit_reason(found)
+    return _pack_named(kernel, where, per_channel, None), None
+  if isinstance(quantizer, projections.Projection):
+    return _pack_named(kernel, where, per_channel, quantizer), None
+  # A callable quantizer: the kernel's values tell its level set, if any.
+  if _is_kernel(kernel) and not isinstance(kernel, jax.core.Tracer):
+    if _kernel_layout(kernel) is not None:
+      return _pack_named(kernel, where, per_channel, None), None
+  return None, f"kernel quantizer {quantizer!r} is not a Projection and the kernel is not quantized"
+
+
+def _pack_named(kernel, where, per_channel, projection):
+  try:
+    return packing.pack(kernel, True, per_channel=per_channel, projection=projection)
+  except ValueError as e:
+    raise ValueError(f"pack_model: {where}: {e}") from None
+
+
+def _projection_of(
+  kernel: Any, per_channel: bool | None
+) -> tuple[projections.Projection, bool] | None:
+  """The level set of a plain layer's kernel, recognized from its values, and whether per channel."""
+  layout = _binarized_layout(kernel)
+  if layout is not None:
+    if layout and per_channel is False:
+      return None
+    return projections.bwn, layout if per_channel is None else per_channel
+  return packing.find_level_set(kernel, None, per_channel)
 
 
 def pack_model(model: nnx.Module, *, per_channel: bool | None = None) -> nnx.Module:
-  """Replaces every binarized kernel by its packed form, in place, for inference.
+  """Replaces every quantized kernel by its packed form, in place, for inference.
 
-  Each kernel becomes a :class:`lab_optax.PackedBinary`: its signs, 32 to a
-  uint32 word along the reduction axis, and its alpha. The binary layers then
-  run from the packed weights: ``alpha * (x @ b)`` for real-valued inputs and
-  the XNOR-popcount product for binarized inputs. ``nnx.state(model)`` is then
-  the deployable 1-bit network; save it with :func:`lab_optax.save_packed`.
+  A binary kernel becomes a :class:`lab_optax.PackedBinary`: its signs, 32 to
+  a uint32 word along the reduction axis, and its alpha. A ternary or m-bit
+  kernel becomes a :class:`lab_optax.PackedQuantized`: sign-magnitude bit
+  planes (2 bits per ternary weight, m per m-bit weight) and its scales. The
+  layers then run from the packed weights: ``alpha * (x @ b)`` for real-valued
+  inputs and popcounts against the kernel's bit planes for binarized inputs
+  (the XNOR-popcount product for binary kernels). ``nnx.state(model)`` is then
+  the deployable low-bit network; save it with :func:`lab_optax.save_packed`.
 
-  The kernels packed are every :class:`BinaryParam` and, recognized by their
-  values, the kernels of plain ``nnx.Linear`` and ``nnx.Conv`` layers (and of
-  binary layers with ``binarize_kernel=False``) that are binarized, as
-  :func:`lab_optax.lab` leaves them with its default mask: one magnitude per
-  tensor, or one per output channel. Such a plain layer is turned, in place
+  The kernels packed are every :class:`BinaryParam` (on the level set of the
+  layer's kernel quantizer: binary, or the ternary or m-bit projection it was
+  trained with) and, recognized by their values, the kernels of plain
+  ``nnx.Linear`` and ``nnx.Conv`` layers (and of binary layers with
+  ``binarize_kernel=False``) that are quantized, as lab_optax's optimizers
+  leave them with their default mask: binary, ternary or m-bit levels with one
+  scale per tensor or per output channel (as :func:`lab_optax.pack` reads
+  them). Such a plain layer is turned, in place
   (the same Python object), into the :class:`BinaryLinear` or
-  :class:`BinaryConv` with the same configuration and
-  ``binarize_inputs=False``; its kernel becomes a :class:`BinaryParam`. Its
-  float forward pass is unchanged (the kernel, already binarized, is used as
-  it is), so :func:`unpack_model` gives it back.
+  :class:`BinaryConv` with the same configuration, ``binarize_inputs=False``
+  and the kernel quantizer of its level set; its kernel becomes a
+  :class:`BinaryParam`. Its float forward pass is unchanged (the kernel,
+  already quantized, is used as it is), so :func:`unpack_model` gives it back.
 
   Kernels left in full precision (floating ``nnx.Param`` with ``ndim >= 2``
-  that are not binarized, or in a layer without packed inference such as
+  that are not quantized, or in a layer without packed inference such as
   ``nnx.Embed``, ``nnx.Einsum``, ``nnx.LinearGeneral`` or a conv with a kernel
-  mask) are named in one ``UserWarning``, with the reason. Ternary and m-bit
-  kernels (a :class:`BinaryParam` of a layer with a ternary or m-bit kernel
-  quantizer, or any kernel on such a level set, recognized by its values as
-  :func:`lab_optax.summary` does) are never packed as binary: they stay
-  dense, named in that warning (packing them is not supported yet), and
-  :attr:`lab_optax.nnx.ModelSummary.not_packed` lists them.
+  mask, and the ternary or m-bit kernel of a layer whose kernel quantizer is
+  binary, which its forward pass would binarize) are named in one
+  ``UserWarning``, with the reason; :attr:`lab_optax.nnx.ModelSummary.not_packed`
+  lists them.
 
   A packed file holds :class:`BinaryParam` kernels: load it into a freshly
   built model with ``nnx.update(fresh, lab_optax.load_packed(path))``, then
   call ``pack_model(fresh)``, which turns the plain layers that received a
-  packed kernel into binary layers (there is nothing to pack); a model built
-  from binary layers needs no such call.
+  packed kernel into quantized layers (there is nothing to pack); a model
+  built from the quantized layers needs no such call.
 
   Args:
-    model: a model whose binary kernels are binarized (trained with
-      lab_optax's optimizers, or binarized with :func:`binarize_model`).
-    per_channel: whether the alphas are per output channel; ``None`` reads it
-      from the values. A plain layer's kernel binarized per channel is left
+    model: a model whose quantized kernels are on their level sets (trained
+      with lab_optax's optimizers, or quantized with :func:`binarize_model`).
+    per_channel: whether the scales are per output channel; ``None`` reads it
+      from the values. A plain layer's kernel quantized per channel is left
       dense under ``per_channel=False``.
 
   Returns:
     ``model``, for chaining.
 
   Raises:
-    ValueError: naming the kernel, if a :class:`BinaryParam` kernel of a
-      binary layer is not binarized (then the model is unchanged).
+    ValueError: naming the kernel, if a :class:`BinaryParam` kernel is not on
+      the level set of its layer's kernel quantizer (then the model is
+      unchanged).
 
   Warns:
     UserWarning: naming each kernel left in full precision, and why.
@@ -316,48 +345,54 @@ def pack_model(model: nnx.Module, *, per_channel: bool | None = None) -> nnx.Mod
     >>> bool(jnp.allclose(plain(x), y, rtol=1e-6))
     True
   """
-  conversions = []  # (module, packed kernel): applied once nothing can fail
+  conversions = []  # (module, packed kernel, projection): applied once nothing can fail
+  updates = []  # (BinaryParam, packed kernel)
   dense = []  # (path, reason)
-  kept = set()  # ids of the BinaryParam kernels left dense
   for path, module in nnx.iter_modules(model):
     for name, variable in vars(module).items():
+      where = _path(path, name)
       if isinstance(variable, BinaryParam):
-        reason = _not_binary(module, variable.get_value())
+        kernel = variable.get_value()
+        if packing.is_packed(kernel):
+          continue
+        packed, reason = _pack_kernel(module, kernel, where, per_channel)
         if reason is not None:
-          dense.append((_path(path, name), reason))
-          kept.add(id(variable))
+          dense.append((where, reason))
+        else:
+          updates.append((variable, packed))
         continue
       if not isinstance(variable, nnx.Param):
         continue
       kernel = variable.get_value()
-      if isinstance(kernel, packing.PackedBinary):  # loaded from a packed file
+      if packing.is_packed(kernel):  # loaded from a packed file
         if _packed_inference(module, name) is None:
-          conversions.append((module, kernel))
+          conversions.append((module, kernel, packing.leaves.level_set(kernel)))
         continue
       if not _is_kernel(kernel):
         continue
       if isinstance(kernel, jax.core.Tracer):
-        dense.append((_path(path, name), "traced: call pack_model outside jax.jit"))
+        dense.append((where, "traced: call pack_model outside jax.jit"))
         continue
-      layout = _binarized_layout(kernel)
+      found = _projection_of(kernel, per_channel)
       reason = _packed_inference(module, name)
-      if layout is None:
-        found = _kernel_layout(kernel)
-        reason = "not binarized" if found is None else _low_bit_reason(found)
-      elif layout and per_channel is False:
-        reason = "binarized per output channel, but per_channel=False"
+      if found is None:
+        if _binarized_layout(kernel) and per_channel is False:
+          reason = "binarized per output channel, but per_channel=False"
+        else:
+          reason = "not quantized"
       if reason is not None:
-        dense.append((_path(path, name), reason))
+        dense.append((where, reason))
         continue
-      layout = layout if per_channel is None else per_channel
-      conversions.append((module, packing.pack(kernel, True, per_channel=layout)))
-  state = nnx.as_pure(
-    nnx.state(model, lambda path, x: _is_unpacked_binary(path, x) and id(x) not in kept)
-  )
-  packed = packing.pack(state, jax.tree.map(lambda _: True, state), per_channel=per_channel)
-  for module, kernel in conversions:
-    _to_binary_layer(module, kernel)
-  nnx.update(model, packed)
+      projection, layout = found
+      binary = isinstance(projection, projections.BinaryProjection)
+      packed = packing.pack(
+        kernel, True, per_channel=layout, projection=None if binary else projection
+      )
+      conversions.append((module, packed, projection))
+  for variable, packed in updates:
+    variable.set_value(packed)
+  for module, kernel, projection in conversions:
+    _to_binary_layer(module, kernel, projection)
   if dense:
     listed = ", ".join(f"{path} ({reason})" for path, reason in dense)
     warnings.warn(
@@ -370,11 +405,11 @@ def pack_model(model: nnx.Module, *, per_channel: bool | None = None) -> nnx.Mod
 
 
 def _holds_packed(_path: Any, x: Any) -> bool:
-  return isinstance(x, nnx.Variable) and isinstance(x.get_value(), packing.PackedBinary)
+  return isinstance(x, nnx.Variable) and packing.is_packed(x.get_value())
 
 
 def unpack_model(model: nnx.Module) -> nnx.Module:
-  """Undoes :func:`pack_model` in place: kernels hold ``alpha * sign`` floats again.
+  """Undoes :func:`pack_model` in place: kernels hold their quantized floats again.
 
   The float kernels come back bit for bit. The plain ``nnx.Linear`` and
   ``nnx.Conv`` layers that :func:`pack_model` turned into binary layers stay
@@ -464,7 +499,7 @@ def fold_batch_norm(
     raise TypeError(f"fold_batch_norm: norm must be an nnx.BatchNorm, got {type(norm).__name__}")
   kernel = layer.kernel.get_value()
   name = type(layer).__name__
-  if isinstance(kernel, packing.PackedBinary):
+  if packing.is_packed(kernel):
     raise ValueError(f"fold_batch_norm: the {name} is packed; fold batch norms before pack_model")
   if getattr(layer, "mask", None) is not None:
     raise ValueError(f"fold_batch_norm: the {name} has a kernel mask, which cannot be folded")

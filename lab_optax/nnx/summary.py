@@ -11,8 +11,8 @@ import numpy as np
 from flax import nnx
 
 from lab_optax._src import packing, projections
-from lab_optax._src.packing import PackedBinary
-from lab_optax._src.ste import level_codes, on_level_set, quantize_ste
+from lab_optax._src.packing import PackedBinary, PackedQuantized
+from lab_optax._src.ste import quantize_ste
 from lab_optax.nnx.layers import BinaryParam
 
 
@@ -232,7 +232,7 @@ def _binarized_layout(kernel: Any) -> bool | None:
     return None
   mat = mat.reshape(-1, mat.shape[-1])
   try:
-    return packing._detect_layout(mat, "")
+    return packing.leaves._detect_layout(mat, "")
   except ValueError:
     return None
 
@@ -240,15 +240,6 @@ def _binarized_layout(kernel: Any) -> bool | None:
 def _level_bits(projection: projections.Projection) -> int:
   """Bits per weight of a level set as stored: 1 binary, 2 ternary, m for m-bit."""
   return max(1, math.ceil(math.log2(len(projection.levels))))
-
-
-# The level sets of the built-in projections with more than two levels, fewest levels first
-# (a ternary kernel is on every m-bit level set too).
-_LOW_BIT_SETS = (
-  projections.TernaryProjection(),
-  projections.TernaryProjection(scales=2),
-  *(projections.MbitProjection(bits, kind) for bits in range(3, 9) for kind in ("linear", "log")),
-)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -267,13 +258,18 @@ def _describe(projection: projections.Projection) -> str:
   return f"{_level_bits(projection)}-bit"
 
 
-def _on_levels(kernel: Any, projection: projections.Projection) -> _LowBit | None:
-  """The figures of a kernel on ``projection``'s level set (exact), else ``None``."""
-  k = jnp.asarray(kernel)
-  if not bool(on_level_set(k, projection)):
+def _on_levels(kernel: Any, projection: projections.Projection | None = None) -> _LowBit | None:
+  """The figures of a kernel on ``projection``'s level set, or on a built-in ternary or m-bit one.
+
+  Exactly, as :func:`lab_optax.pack` recognizes it
+  (:func:`lab_optax._src.packing.find_level_set`); ``None`` if it is on none.
+  Needs concrete values.
+  """
+  found = packing.find_level_set(kernel, projection)
+  if found is None:
     return None
-  per_tensor = bool(level_codes(k, projection)[2])
-  groups = 1 if per_tensor else k.shape[-1]
+  projection, per_channel = found
+  groups = np.shape(kernel)[-1] if per_channel else 1
   return _LowBit(
     _level_bits(projection),
     projection.num_scales * groups,
@@ -282,25 +278,12 @@ def _on_levels(kernel: Any, projection: projections.Projection) -> _LowBit | Non
   )
 
 
-def _low_bit_layout(kernel: Any) -> _LowBit | None:
-  """A kernel on the level set of a built-in ternary or m-bit projection (exact), else ``None``.
-
-  A cheap necessary condition first: each output channel holds at most
-  ``2^7 - 1`` distinct nonzero magnitudes (8-bit levels). Needs concrete values.
-  """
-  mat = np.abs(np.asarray(kernel, np.float32))
-  if mat.ndim == 0 or mat.size == 0 or not np.isfinite(mat).all():
-    return None
-  mat = np.sort(mat.reshape(-1, mat.shape[-1]), axis=0)
-  distinct = int(np.max((np.diff(mat, axis=0) != 0).sum(axis=0) + (mat[0] != 0)))
-  for projection in _LOW_BIT_SETS:
-    positive = sum(level > 0 for level in projection.levels)
-    if distinct > positive * projection.num_scales:
-      continue
-    found = _on_levels(kernel, projection)
-    if found is not None:
-      return found
-  return None
+def _packed_zeros(packed: PackedQuantized) -> int:
+  """The weights whose magnitude is 0."""
+  if packed.magnitudes[0] != 0:
+    return 0
+  _, index = packing.leaves._index(packed)
+  return int(np.sum(np.asarray(index) == 0))
 
 
 def _alphas(kernel: jax.Array | PackedBinary) -> int:
@@ -334,7 +317,7 @@ def _kernel_layout(kernel: Any) -> tuple[str, int] | None:
   ``("3-bit linear", 3)``, ... (the name and bits per weight as stored), or ``None``."""
   if _binarized_layout(kernel) is not None:
     return "binary", 1
-  found = _low_bit_layout(kernel)
+  found = _on_levels(kernel)
   return None if found is None else (found.name, found.bits)
 
 
@@ -365,8 +348,11 @@ def summary(model: nnx.Module, print_fn: Callable[[str], None] | None = print) -
   a quantized layer's kernel (``kernel_quantizer="lat"``, ...) counts as its
   quantizer makes it. The other such kernels are kept in full precision and
   named in :attr:`ModelSummary.full_precision` and on the table's last lines;
-  the ternary and m-bit ones, which :func:`lab_optax.nnx.pack_model` keeps
-  dense, in :attr:`ModelSummary.not_packed`.
+  the ternary and m-bit kernels of layers whose kernel quantizer is binary
+  (their forward pass binarizes them, and :func:`lab_optax.nnx.pack_model`
+  keeps them dense) in :attr:`ModelSummary.not_packed`. Packed kernels
+  (:class:`lab_optax.PackedBinary`, :class:`lab_optax.PackedQuantized`) count
+  at their bits.
 
   Args:
     model: an NNX module.
@@ -388,7 +374,7 @@ def summary(model: nnx.Module, print_fn: Callable[[str], None] | None = print) -
     >>> t = lab_optax.summary(
     ...   BinaryLinear(64, 32, kernel_quantizer="lat", rngs=nnx.Rngs(0)), print_fn=None)
     >>> t.low_bit_params, t.bits_per_weight, t.not_packed
-    (((2, 2048),), 2.0, ('kernel',))
+    (((2, 2048),), 2.0, ())
     >>> 0 < t.zero_fraction < 1
     True
   """
@@ -407,6 +393,11 @@ def summary(model: nnx.Module, print_fn: Callable[[str], None] | None = print) -
         binary += size
         alphas += _alphas(array)
         continue
+      if isinstance(array, PackedQuantized):
+        low_bit.append((array.bits_per_weight, size))
+        alphas += int(np.size(array.scale))
+        zeros += _packed_zeros(array)
+        continue
       kernel = isinstance(value, nnx.Param) and _is_kernel(array)
       found = None
       if isinstance(value, BinaryParam):
@@ -414,6 +405,8 @@ def summary(model: nnx.Module, print_fn: Callable[[str], None] | None = print) -
         if quantizer is None:  # binary: the layer binarizes it
           binary += size
           alphas += _alphas(array)
+          if kernel and _binarized_layout(array) is None and _on_levels(array) is not None:
+            not_packed.append(where)  # on ternary or m-bit levels: pack_model keeps it dense
           continue
         if isinstance(quantizer, projections.Projection):
           found = _on_levels(array, quantizer)
@@ -423,7 +416,7 @@ def summary(model: nnx.Module, print_fn: Callable[[str], None] | None = print) -
           binary += size
           alphas += array.shape[-1] if layout else 1
           continue
-        found = _low_bit_layout(array)
+        found = _on_levels(array)
       if found is not None and found.bits == 1:
         binary += size
         alphas += found.alphas
@@ -431,7 +424,6 @@ def summary(model: nnx.Module, print_fn: Callable[[str], None] | None = print) -
         low_bit.append((found.bits, size))
         alphas += found.alphas
         zeros += found.zeros
-        not_packed.append(where)
       else:
         floating += size
         if kernel:
