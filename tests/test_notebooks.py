@@ -23,6 +23,7 @@ def test_the_notebooks_are_there():
     "quickstart.ipynb",
     "binary_lstm.ipynb",
     "deployment.ipynb",
+    "beyond_one_bit.ipynb",
   }
 
 

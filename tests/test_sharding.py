@@ -15,12 +15,17 @@ import pytest
 CHECK = Path(__file__).with_name("sharding_check.py")
 METHODS = ("lab", "bwn", "binary_connect")
 LAYOUTS = ("fully_sharded", "per_channel", "data_parallel")
-# Every method on meshes with automatic axes; on explicit axes the shared code
-# paths are covered by lab, the other methods are in the slow run.
-FAST = [f"auto/{layout}/{method}" for layout in LAYOUTS for method in METHODS] + [
-  f"explicit/{layout}/lab" for layout in LAYOUTS
+# By default: every layout with lab on automatic axes, each other method once (the
+# methods differ only in their scale's sums, the layouts in the collectives), and
+# explicit axes once; every method in every layout on both kinds of axes with -m slow.
+ALL = [f"{axes}/{layout}/{method}" for axes in ("auto", "explicit") for layout in LAYOUTS
+       for method in METHODS]  # fmt: skip
+FAST = [f"auto/{layout}/lab" for layout in LAYOUTS] + [
+  "auto/per_channel/bwn",
+  "auto/data_parallel/binary_connect",
+  "explicit/fully_sharded/lab",
 ]
-SLOW = [f"explicit/{layout}/{method}" for layout in LAYOUTS for method in METHODS[1:]]
+SLOW = [case for case in ALL if case not in FAST]
 # Sharded reductions (alpha, matmuls, the batch mean) add in another order than
 # on one device; a per-shard alpha or a missing all-reduce is off by O(1). The
 # ten steps feed that back through the gradient: the largest difference,
@@ -82,5 +87,5 @@ def test_sharded_runs_match_one_device():
 
 
 @pytest.mark.slow
-def test_sharded_runs_match_one_device_explicit_axes():
+def test_sharded_runs_match_one_device_every_case():
   check_cases(SLOW)

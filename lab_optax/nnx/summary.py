@@ -282,7 +282,7 @@ def _packed_zeros(packed: PackedQuantized) -> int:
   """The weights whose magnitude is 0."""
   if packed.magnitudes[0] != 0:
     return 0
-  _, index = packing.leaves._index(packed)
+  index = packing.leaves._index(packed)
   return int(np.sum(np.asarray(index) == 0))
 
 

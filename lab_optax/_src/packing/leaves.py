@@ -571,25 +571,51 @@ def _unpack_binary(packed: PackedBinary) -> jax.Array:
   return _signs(packed) * packed.alpha
 
 
-def _bools(planes: jax.Array, k: int) -> list[jax.Array]:
-  """The planes of a :class:`PackedQuantized` as ``(K, N)`` booleans."""
-  return [_unpack_bool(plane, k).T for plane in planes]
-
-
-def _index(packed: PackedQuantized) -> tuple[jax.Array, jax.Array]:
-  """The signs (``True``: positive) and magnitude indices, ``(K, N)`` each."""
-  sign, *index_bits = _bools(packed.planes, packed.k)
-  index = jnp.zeros(sign.shape, jnp.int32)
-  for j, b in enumerate(index_bits):
-    index = index | (b.astype(jnp.int32) << j)
-  return sign, index
+def _bit_terms(magnitudes: tuple[float, ...]) -> list[np.float32] | None:
+  """``[first, step, 2 step, 4 step, ...]`` in float32 if their sums over each index's bits
+  give every magnitude exactly (linear levels), else ``None``."""
+  if len(magnitudes) < 2:
+    return None
+  first, step = magnitudes[0], magnitudes[1] - magnitudes[0]
+  bits = _index_bits(magnitudes)
+  terms = [np.float32(first)] + [np.float32(step * 2**j) for j in range(bits)]
+  for i, m in enumerate(magnitudes):
+    total = terms[0]
+    for j in range(bits):
+      total = total + (terms[j + 1] if (i >> j) & 1 else np.float32(0))
+    if total != np.float32(m):
+      return None
+  return terms
 
 
 def _unit_kernel(packed: PackedQuantized) -> tuple[jax.Array, jax.Array]:
-  """``(sign, sign * magnitudes[index])``: the normalized ``(K, N)`` kernel in float32."""
-  sign, index = _index(packed)
-  magnitude = jnp.asarray(packed.magnitudes, jnp.float32)[index]
+  """``(sign, sign * magnitudes[index])``: the normalized kernel in float32, ``(N, K)``.
+
+  In the planes' own layout (output channels first): a transpose of the
+  unpacked bits costs more than the product that uses them.
+  """
+  sign, *index_bits = [_unpack_bool(plane, packed.k) for plane in packed.planes]
+  magnitudes = packed.magnitudes
+  terms = _bit_terms(magnitudes)
+  if terms is not None:
+    # Linear levels (ternary included): the index's bits weighted by powers of two.
+    magnitude = jnp.full(sign.shape, terms[0], jnp.float32)
+    for term, b in zip(terms[1:], index_bits):
+      magnitude = magnitude + jnp.where(b, term, jnp.float32(0))
+  else:
+    index = jnp.zeros(sign.shape, jnp.int32)
+    for j, b in enumerate(index_bits):
+      index = index | (b.astype(jnp.int32) << j)
+    magnitude = jnp.asarray(magnitudes, jnp.float32)[index]
   return sign, jnp.where(sign, magnitude, -magnitude)
+
+
+def _index(packed: PackedQuantized) -> jax.Array:
+  """The magnitude index of every weight, ``(N, K)`` int32."""
+  index = jnp.zeros((packed.n, packed.k), jnp.int32)
+  for j, plane in enumerate(packed.planes[1:]):
+    index = index | (_unpack_bool(plane, packed.k).astype(jnp.int32) << j)
+  return index
 
 
 def _by_sign(packed: PackedQuantized, sign: jax.Array) -> jax.Array:
@@ -599,8 +625,8 @@ def _by_sign(packed: PackedQuantized, sign: jax.Array) -> jax.Array:
 
 
 def _unpack_quantized(packed: PackedQuantized) -> jax.Array:
-  # As Projection.dequantize and MbitProjection.dequantize compute it.
-  sign, unit = _unit_kernel(packed)
+  # As Projection.dequantize and MbitProjection.dequantize compute it, in (K, N).
+  sign, unit = (a.T for a in _unit_kernel(packed))
   scale = _by_sign(packed, sign)
   if packed.divisor > 1:
     return jnp.round(unit * packed.divisor) * (scale / packed.divisor)

@@ -30,7 +30,6 @@ from lab_optax._src.packing.bits import _pack_bool, _unpack_bool, pack_bits, xno
 from lab_optax._src.packing.leaves import (
   Packed,
   PackedBinary,
-  _signs,
   _unit_kernel,
   is_packed,
 )
@@ -54,13 +53,14 @@ def _check_features(x: jax.Array, k: int, fn: str) -> None:
 
 
 def _unit_kernels(packed: Packed) -> list[jax.Array]:
-  """The normalized ``(K, N)`` kernels whose products :func:`_scaled` combines.
+  """The normalized kernels whose products :func:`_scaled` combines, ``(N, K)`` as packed.
 
   ``[b]`` with ``b`` in {-1, +1} for a binary kernel; ``[levels]`` for one
   scale; the positive and the negative part for two scales.
   """
   if isinstance(packed, PackedBinary):
-    return [_signs(packed)]
+    bits = _unpack_bool(packed.bits, packed.k)
+    return [jnp.where(bits, jnp.float32(1), jnp.float32(-1))]
   sign, unit = _unit_kernel(packed)
   if packed.num_scales == 1:
     return [unit]
@@ -205,7 +205,9 @@ def binary_dense(
   x = jnp.asarray(x)
   _check_features(x, packed.k, "binary_dense")
   x32 = x.astype(jnp.float32)
-  parts = [jnp.matmul(x32, kernel, precision=precision) for kernel in _unit_kernels(packed)]
+  # Contracting the kernels' K axis where it is (no transpose of the unpacked bits).
+  dims = (((x32.ndim - 1,), (1,)), ((), ()))
+  parts = [lax.dot_general(x32, u, dims, precision=precision) for u in _unit_kernels(packed)]
   return _scaled(packed, parts).astype(_out_dtype(x))
 
 
@@ -382,7 +384,7 @@ def binary_conv(
     x, packed, "binary_conv", strides, padding, input_dilation, kernel_dilation, feature_group_count
   )
   x32 = x4.astype(jnp.float32)
-  parts = [_conv(x32, u.reshape(packed.shape), args, precision) for u in _unit_kernels(packed)]
+  parts = [_conv(x32, u.T.reshape(packed.shape), args, precision) for u in _unit_kernels(packed)]
   y = _scaled(packed, parts)
   return y.reshape(*batch_shape, *y.shape[1:]).astype(out_dtype)
 
@@ -488,7 +490,7 @@ def xnor_conv(
     # those taps: its total sum minus its sum over the real pixels (a conv of ones).
     ones = jnp.ones((1, *x4.shape[1:]), jnp.float32)
     for i, unit in enumerate(_unit_kernels(packed)):
-      inside = _conv(ones, unit.reshape(packed.shape), args, lax.Precision.HIGHEST)
-      parts[i] = parts[i] - (jnp.sum(unit, axis=0) - inside.reshape(1, -1, n))
+      inside = _conv(ones, unit.T.reshape(packed.shape), args, lax.Precision.HIGHEST)
+      parts[i] = parts[i] - (jnp.sum(unit, axis=1) - inside.reshape(1, -1, n))
   y = _scaled(packed, parts)
   return y.reshape(*batch_shape, *out_spatial, n).astype(out_dtype)
