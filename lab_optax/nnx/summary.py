@@ -39,7 +39,8 @@ class LayerSummary:
   # stored: 2 for ternary (log2(3) = 1.58 is their information), m for m-bit.
   low_bit_params: tuple[tuple[int, int], ...] = ()
   zeros: int = 0  # Exact zeros among the quantized weights (ternary and m-bit codes 0).
-  # Paths of quantized kernels that pack_model keeps dense: it packs binary kernels only.
+  # Paths of quantized kernels that pack_model keeps dense (ternary or m-bit values in a layer whose
+  # kernel quantizer is binary: its forward pass binarizes them).
   not_packed: tuple[str, ...] = ()
 
   @property
