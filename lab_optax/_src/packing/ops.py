@@ -30,6 +30,7 @@ from lab_optax._src.packing.bits import _pack_bool, _unpack_bool, pack_bits, xno
 from lab_optax._src.packing.leaves import (
   Packed,
   PackedBinary,
+  _bit_terms,
   _unit_kernel,
   is_packed,
 )
@@ -77,15 +78,6 @@ def _scaled(packed: Packed, parts: Sequence[jax.Array]) -> jax.Array:
   return parts[0] * packed.scale[0] + parts[1] * packed.scale[1]
 
 
-def _progression(magnitudes: tuple[float, ...]) -> tuple[float, float] | None:
-  """``(first, step)`` if ``magnitudes[i] = first + i * step`` (up to rounding), else ``None``."""
-  if len(magnitudes) < 2:
-    return (magnitudes[0], 0.0) if magnitudes else None
-  first, step = magnitudes[0], magnitudes[1] - magnitudes[0]
-  ok = all(math.isclose(m, first + i * step, rel_tol=1e-9) for i, m in enumerate(magnitudes))
-  return (first, step) if ok else None
-
-
 def _masked_popcounts(a_bits: jax.Array, masks: jax.Array, xor: jax.Array | None) -> jax.Array:
   """``sum_w popcount((a[m, w] ^ xor[n, w]) & masks[j, n, w])`` as ``(J, M, N)`` int32.
 
@@ -129,11 +121,12 @@ def _xnor_parts(a_bits: jax.Array, planes: jax.Array, k: int, packed: Packed) ->
     return [xnor_matmul(a_bits, sign, k).astype(jnp.float32)]
   index = planes[1:]
   magnitudes = packed.magnitudes
-  progression = _progression(magnitudes) if packed.num_scales == 1 else None
-  if progression is not None:
+  # Linear levels, as the float path decides it (leaves._bit_terms): first + step * index.
+  terms = _bit_terms(magnitudes) if packed.num_scales == 1 else None
+  if terms is not None:
     # w = sign * (first + step * sum_j 2^j bit_j): with s = sign(x) * sign(w),
     # sum over a plane of s = popcount(plane) - 2 popcount((a ^ sign) & plane).
-    first, step = progression
+    first, step = float(terms[0]), float(terms[1])
     agree = _popcount(index)[:, None, :] - 2 * _masked_popcounts(a_bits, index, sign)
     total = jnp.tensordot(jnp.asarray([2**j for j in range(len(index))], jnp.int32), agree, 1)
     y = step * total.astype(jnp.float32)
