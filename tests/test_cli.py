@@ -81,6 +81,31 @@ def test_mlp_on_digits_with_all_seven_methods(tmp_path, capsys, methods):
     assert (out / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
 
 
+def test_export_writes_packed_models_whose_figures_match_the_float_ones(tmp_path, capsys):
+  out, models_dir = tmp_path / "run", tmp_path / "models"
+  args = ["mlp", "--hidden", "16", "--methods", "fp,lab2,lat", "--out", str(out)]
+  status, stdout, _ = run_cli([*args, "--export", str(models_dir), *FAST], capsys)
+  assert status == 0
+  records = {r["method"]: r for r in load_results(out)["results"]}
+  assert "export" not in records["fp"]  # nothing quantized: nothing to pack
+  assert sorted(p.name for p in models_dir.iterdir()) == ["lab2-seed0.npz", "lat-seed0.npz"]
+  for name, bits in (("lab2", 1.0), ("lat", 2.0)):
+    export = records[name]["export"]
+    assert export["file"] == f"{name}-seed0.npz"
+    assert export["bytes"] == (models_dir / export["file"]).stat().st_size
+    assert export["bits_per_weight"] == bits
+    # Folded and packed (XNOR products for lab2), then loaded into a fresh model: the same
+    # predictions on the test set as the float model after its last epoch.
+    assert export["test_error_packed"] == export["test_error_float"]
+    assert export["test_error_float"] == records[name]["test_curve"][-1]
+    # 64-16-16-16-10 kernels and the batch norms' scales and biases, as trained.
+    assert export["float32_bytes"] == 4 * (64 * 16 + 2 * 16 * 16 + 16 * 10 + 2 * (3 * 16 + 10))
+  assert "exported" in stdout and "lat-seed0.npz" in stdout
+  # The report of the run shows the exports too.
+  status, merged, _ = run_cli(["report", str(out)], capsys)
+  assert status == 0 and "lab2-seed0.npz" in merged
+
+
 def test_mlp_on_mnist_idx_files(tmp_path, capsys):
   write_mnist(tmp_path / "mnist", n_train=48, n_test=8, gz=True)
   out = tmp_path / "out"
@@ -385,6 +410,10 @@ def test_report_refuses_other_settings_twice_the_same_run_and_bad_files(tmp_path
   (tmp_path / "broken").mkdir()
   (tmp_path / "broken" / "results.json").write_text('{"config": {"experiment": "mlp"}')
   (tmp_path / "empty").mkdir()
+  bad_export = fake_run(tmp_path / "bad_export", ["lab"])
+  results = load_results(bad_export)
+  results["results"][0]["export"] = {"file": "lab-seed0.npz", "bytes": 10}
+  (bad_export / "results.json").write_text(json.dumps(results))
   cases = {
     "hidden": "hidden/results.json is a run of other settings than",
     "lstm": "(experiment, text, timesteps)",
@@ -392,6 +421,7 @@ def test_report_refuses_other_settings_twice_the_same_run_and_bad_files(tmp_path
     "broken": "broken/results.json is not valid JSON",
     "empty": "no results.json in",
     "nowhere": "nowhere does not exist",
+    "bad_export": "record 0 has an export entry without its file, sizes and test_error_float",
   }
   out = tmp_path / "out"
   for name, message in cases.items():

@@ -545,6 +545,11 @@ def test_load_refuses_other_npz_files(tmp_path):
 def test_save_refuses_non_numeric_leaves(tmp_path):
   with pytest.raises(ValueError, match=r"\['name'\]"):
     lab_optax.save_packed(tmp_path / "x.npz", {"name": np.array(["a"])})
+  # A model's RNG state (nnx.Rngs keys) is named, with what to save instead.
+  with pytest.raises(ValueError, match=r"\['rngs'\]\['key'\]: it is a PRNG key.*nnx.Not"):
+    lab_optax.save_packed(
+      tmp_path / "x.npz", {"w": jnp.ones(2), "rngs": {"key": jax.random.key(0)}}
+    )
   assert os.listdir(tmp_path) == []
 
 

@@ -172,6 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
       "--resume", action="store_true", help="continue the runs saved in --checkpoint-dir"
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument(
+      "--export",
+      type=Path,
+      metavar="DIR",
+      help="write each quantized run's final model, packed (batch norms folded where the model "
+      "can), to DIR/METHOD-seedSEED.npz, and report its test figure loaded from that file",
+    )
 
   def image_defaults(p: argparse.ArgumentParser, name: str) -> None:
     mlp_lr = settings.SETTINGS[(name, "digits")].method_lr
@@ -392,7 +399,7 @@ def _run(args: argparse.Namespace) -> int:
   from tqdm.auto import tqdm
 
   import lab_optax
-  from lab_optax.experiments import train
+  from lab_optax.experiments import export, train
 
   if args.resume and args.checkpoint_dir is None:
     raise UsageError("--resume needs --checkpoint-dir DIR")
@@ -440,7 +447,12 @@ def _run(args: argparse.Namespace) -> int:
         resume=args.resume,
         progress=None if args.no_progress else tqdm,
       )
-      records.append(result.record())
+      record = result.record()
+      if args.export is not None:
+        exported = export.export_run(task, result, args.export, mesh)
+        if exported is not None:
+          record["export"] = exported
+      records.append(record)
   return report.write_outputs(out, {"config": config, "results": records})
 
 
@@ -449,9 +461,7 @@ def _report(args: argparse.Namespace) -> int:
   merged = report.merge_results([report.load_results(path) for path in args.runs])
   if args.out is not None:
     return report.write_outputs(args.out, merged)
-  config = merged["config"]
-  metric = settings.METRICS[config["experiment"]]
-  print(report.summarize(merged["results"], metric, settings.paper_figures(config)))
+  print(report.tables(merged))
   return 0
 
 

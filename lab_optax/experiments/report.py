@@ -63,10 +63,58 @@ def summarize(
     if show_paper:
       row.append(f"{paper[name]:.3f}" if name in paper else "-")
     rows.append(row)
+  return _table(header, rows)
+
+
+def summarize_exports(records: Sequence[Mapping[str, Any]], metric: str) -> str | None:
+  """The table of the runs exported with ``--export``, or ``None`` when there are none.
+
+  One row per exported run: its file's size against the model's parameters in float32, the
+  mean bits per packed weight, and the test figure of the float model at the last epoch beside
+  that of the model loaded from the file.
+  """
+  exported = [r for r in records if isinstance(r.get("export"), Mapping)]
+  if not exported:
+    return None
+  figure = "error %" if metric == "test_error" else "nats/char"
+  header = ["method", "seed", "file", "KiB", "vs float32", "bits/weight"]
+  header += [f"float {figure}", f"packed {figure}"]
+  rows = []
+  for r in exported:
+    e = r["export"]
+    bits = e.get("bits_per_weight")
+    rows.append(
+      [
+        _label(r["method"], records),
+        str(r["seed"]),
+        str(e["file"]),
+        f"{e['bytes'] / 1024:.1f}",
+        f"{e['float32_bytes'] / e['bytes']:.2f}x smaller",
+        "-" if bits is None else f"{bits:.2f}",
+        f"{e[f'{metric}_float']:.3f}",
+        f"{e[f'{metric}_packed']:.3f}",
+      ]
+    )
+  return "exported (the last epoch's model, packed, loaded back from its file):\n" + _table(
+    header, rows
+  )
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+  """Left-aligned columns two spaces apart, the header underlined."""
   widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
   lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
   lines.insert(1, "-" * len(lines[0]))
   return "\n".join(lines)
+
+
+def tables(results: Mapping[str, Any]) -> str:
+  """What a run prints: :func:`summarize`, and :func:`summarize_exports` when runs were exported."""
+  records, config = results["results"], results["config"]
+  metric = settings.METRICS[config["experiment"]]
+  text = summarize(records, metric, settings.paper_figures(config))
+  exports = summarize_exports(records, metric)
+  return text if exports is None else f"{text}\n\n{exports}"
 
 
 def render_curves(records: Sequence[Mapping[str, Any]], metric: str, title: str) -> bytes:
@@ -121,7 +169,7 @@ def write_outputs(out: Path, results: Mapping[str, Any]) -> int:
   else:
     plot_path.unlink(missing_ok=True)
   write_atomic(results_path, lambda f: f.write(json.dumps(results, indent=2).encode()))
-  print(summarize(records, metric, settings.paper_figures(config)))
+  print(tables(results))
   if png is None:
     print(
       f"lab-optax: error: results: {results_path}, but the plot failed "
@@ -179,6 +227,17 @@ def load_results(path: str | Path) -> tuple[Path, dict[str, Any]]:
       raise ReportError(
         f"{file}: record {i} needs a method, a seed, a {metric} and a val_curve; rerun its "
         "experiment"
+      )
+    export = record.get("export")
+    if export is not None and not (
+      isinstance(export, dict)
+      and isinstance(export.get("file"), str)
+      and all(_is_number(export.get(k)) for k in ("bytes", "float32_bytes"))
+      and all(_is_number(export.get(f"{metric}_{k}")) for k in ("float", "packed"))
+    ):
+      raise ReportError(
+        f"{file}: record {i} has an export entry without its file, sizes and {metric}_float and "
+        f"{metric}_packed; rerun its experiment with --export"
       )
   return file, results
 

@@ -188,6 +188,8 @@ class RunResult:
   test_curve: list[float]
   train_loss_curve: list[float]
   wall_time_s: float
+  # The model's pure state after the last epoch (not in the record): what --export packs.
+  model_state: Any = dataclasses.field(default=None, repr=False, compare=False)
 
   @property
   def best_epoch(self) -> int:
@@ -300,6 +302,17 @@ def _eval_step(graphdef, evaluate_fn, model_state, batch):
   return evaluate_fn(model(batch[0]), batch)
 
 
+def evaluate(
+  task: Task, graphdef: Any, model_state: Any, batches: Sequence[Batch], mesh: Mesh
+) -> float:
+  """The task's figure (test error in percent, or cross-entropy) of a model over ``batches``."""
+  total = count = 0.0
+  for batch in batches:
+    s, n = _eval_step(graphdef, task.evaluate, model_state, shard_batch(batch, mesh))
+    total, count = total + float(s), count + float(n)
+  return task.scale * total / max(count, 1.0)
+
+
 def run(
   task: Task,
   method: Method,
@@ -314,13 +327,6 @@ def run(
   """Trains one model with one method and seed; see the module docstring."""
   graphdef, eval_graphdef, state = initial_state(task, method, seed, mesh)
   replicated = NamedSharding(mesh, PartitionSpec())
-
-  def evaluate(batches) -> float:
-    total = count = 0.0
-    for batch in batches:
-      s, n = _eval_step(eval_graphdef, task.evaluate, state[0], shard_batch(batch, mesh))
-      total, count = total + float(s), count + float(n)
-    return task.scale * total / max(count, 1.0)
 
   curves: dict[str, list[float]] = {"val": [], "test": [], "train_loss": []}
   wall, start_epoch = 0.0, 0
@@ -355,8 +361,8 @@ def run(
         if i % 50 == 0:
           bar.set_postfix(loss=f"{float(loss):.4f}", refresh=False)
     curves["train_loss"].append(float(np.mean(jax.device_get(losses))))
-    curves["val"].append(evaluate(task.val_batches))
-    curves["test"].append(evaluate(task.test_batches))
+    curves["val"].append(evaluate(task, eval_graphdef, state[0], task.val_batches, mesh))
+    curves["test"].append(evaluate(task, eval_graphdef, state[0], task.test_batches, mesh))
     wall += time.perf_counter() - began
     if bar is not None:
       name = "val_err%" if task.metric == "test_error" else "val_ce"
@@ -375,4 +381,5 @@ def run(
     test_curve=curves["test"],
     train_loss_curve=curves["train_loss"],
     wall_time_s=wall,
+    model_state=state[0],
   )

@@ -117,6 +117,12 @@ def _dict_key(key: Any) -> Any:
 
 
 def _leaf_array(x: Any, name: str) -> np.ndarray:
+  dtype = getattr(x, "dtype", None)
+  if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+    raise ValueError(
+      f"cannot save the leaf at {name}: it is a PRNG key (dtype {x.dtype}); save the model's "
+      "parameters without its RNG state, e.g. nnx.state(model, nnx.Not(nnx.RngState))"
+    )
   arr = np.asarray(x)
   if arr.dtype.kind not in "biufcV" or (arr.dtype.kind == "V" and arr.dtype.names):
     raise ValueError(f"cannot save the leaf at {name}: dtype {arr.dtype} is not numeric")
